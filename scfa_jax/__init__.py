@@ -1,0 +1,13 @@
+"""scfa-jax: Sparse Causal Flash Attention (Pagliardini et al., NeurIPS 2023) for JAX."""
+
+from scfa_jax.api import hash_sparse_attention, qk_sparse_attention, sparse_causal_attention
+from scfa_jax.lsh import lsh_buckets, random_rotations
+
+__all__ = [
+    "hash_sparse_attention",
+    "lsh_buckets",
+    "qk_sparse_attention",
+    "random_rotations",
+    "sparse_causal_attention",
+]
+__version__ = "0.1.0"

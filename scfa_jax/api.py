@@ -1,0 +1,199 @@
+"""Public functions: validate, sort in jnp, call the one custom_vjp in `core`.
+
+Layout and conventions follow `jax.nn.dot_product_attention`: q [B, T, N, H],
+k and v [B, S, N, H]; masks, buckets and indices [B, T, N] / [B, S, N]; everything
+after the arrays keyword-only; `scale=None` means 1/sqrt(H).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scfa_jax import core, sorting
+
+_FLOAT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+_IMPLEMENTATIONS = (None, "xla", "triton", "interpret")
+
+
+def _shape_of(name: str, x) -> tuple[int, ...]:
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+  return tuple(x.shape)
+
+
+def _check_qkv(q, k, v) -> None:
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    shape = _shape_of(name, x)
+    if len(shape) != 4:
+      raise ValueError(f"{name} must have rank 4 ([B, T, N, H] / [B, S, N, H]), got {name}.shape={shape}")
+    if x.dtype not in _FLOAT_DTYPES:
+      raise TypeError(f"{name} must be float32, float16 or bfloat16, got {name}.dtype={x.dtype}")
+    if 0 in shape:
+      raise ValueError(f"{name} must not have an empty axis, got {name}.shape={shape}")
+  if not q.dtype == k.dtype == v.dtype:
+    raise TypeError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape, got {k.shape=}, {v.shape=}")
+  (b, _, n, h), (bk, _, nk, hk) = q.shape, k.shape
+  if (b, n, h) != (bk, nk, hk):
+    raise ValueError(
+        f"q [B, T, N, H] and k [B, S, N, H] must agree on B, N and H, got {q.shape=}, {k.shape=}"
+    )
+
+
+def _token_shape(x: jax.Array) -> tuple[int, int, int]:
+  """The [B, T, N] (or [B, S, N]) shape of per-token arrays that go with x [B, T, N, H]."""
+  b, length, n, _ = x.shape
+  return (b, length, n)
+
+
+def _check_tokens(name: str, x, expected: tuple[int, ...], kind: str) -> None:
+  shape = _shape_of(name, x)
+  if shape != expected:
+    letters = "[B, T, N]" if name.startswith("q") else "[B, S, N]"
+    raise ValueError(f"{name} must have shape {letters} = {expected}, got {name}.shape={shape}")
+  if kind == "bool" and x.dtype != jnp.bool_:
+    raise TypeError(f"{name} must be a bool mask, got {name}.dtype={x.dtype}")
+  if kind == "int" and not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must hold integers, got {name}.dtype={x.dtype}")
+
+
+def _check_non_negative(name: str, x) -> None:
+  """Checks values when they are known (outside jit); traced values cannot be checked."""
+  if isinstance(x, jax.core.Tracer):
+    return
+  if x.size and int(np.min(np.asarray(x))) < 0:
+    raise ValueError(f"{name} must be non-negative bucket ids, got min({name})={int(np.min(np.asarray(x)))}")
+
+
+def _resolve_implementation(implementation, q: jax.Array) -> core.Implementation:
+  if implementation not in _IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation=}")
+  if implementation == "xla":
+    return "xla"
+  from scfa_jax import triton_backend  # noqa: PLC0415  (only touches jax_triton lazily)
+
+  if implementation is None:
+    return "triton" if triton_backend.default_available(q) else "xla"
+  triton_backend.check_supported(implementation, q)
+  return implementation
+
+
+def _config(q, strict, scale, implementation) -> core.AttentionConfig:
+  if not isinstance(strict, (bool, np.bool_)):
+    raise TypeError(f"strict must be a bool, got {strict=}")
+  if scale is None:
+    scale = q.shape[-1] ** -0.5
+  elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+    raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+  return core.AttentionConfig(
+      implementation=_resolve_implementation(implementation, q),
+      strict=bool(strict),
+      scale=float(scale),
+  )
+
+
+def sparse_causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_idx: jax.Array,
+    k_idx: jax.Array,
+    q_hash: jax.Array | None = None,
+    k_hash: jax.Array | None = None,
+    strict: bool = False,
+    scale: float | None = None,
+    implementation: core.Implementation | None = None,
+) -> jax.Array:
+  """SCFA on tokens the caller already sorted (the primitive of DESIGN.md section 1).
+
+  Query i may attend key j iff causal(q_idx[i], k_idx[j]) and, when hashes are given,
+  q_hash[i] == k_hash[j]; causal is `>` if strict else `>=`. q_idx < 0 marks a query
+  that attends to nothing and k_idx >= 2**30 a key nobody attends to. Within each
+  (batch, head), tokens should be sorted by (hash, idx) with padding last: any order
+  gives the exact result, but sorting is what makes the kernels skip work.
+
+  Args:
+    q: [B, T, N, H]. k, v: [B, S, N, H].
+    q_idx: int [B, T, N]. k_idx: int [B, S, N].
+    q_hash, k_hash: int [B, T, N] and [B, S, N], both or neither.
+    strict: strict causality (`>`), as in the paper's shared-QK language model.
+    scale: logit scale, 1/sqrt(H) when None.
+    implementation: None (Triton on GPU when available, else XLA), "xla", "triton",
+      or "interpret" (the Triton kernels in Triton's CPU interpreter).
+
+  Returns:
+    [B, T, N, H] in q's dtype; rows with no allowed key are 0.
+  """
+  _check_qkv(q, k, v)
+  _check_tokens("q_idx", q_idx, _token_shape(q), "int")
+  _check_tokens("k_idx", k_idx, _token_shape(k), "int")
+  if (q_hash is None) != (k_hash is None):
+    raise ValueError("q_hash and k_hash must be given together (or both left None)")
+  if q_hash is not None:
+    _check_tokens("q_hash", q_hash, _token_shape(q), "int")
+    _check_tokens("k_hash", k_hash, _token_shape(k), "int")
+  config = _config(q, strict, scale, implementation)
+  return core.attention(q, k, v, sorting.presorted(q_idx, k_idx, q_hash, k_hash), config)
+
+
+def qk_sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_keep: jax.Array,
+    k_keep: jax.Array,
+    scale: float | None = None,
+    implementation: core.Implementation | None = None,
+) -> jax.Array:
+  """Causal attention among kept queries and keys (paper section 3.1, QK-dropping).
+
+  Query t attends key s iff q_keep[t], k_keep[s] and t >= s, per (batch, head).
+  Dropped queries output 0.
+
+  Args:
+    q: [B, T, N, H]. k, v: [B, S, N, H].
+    q_keep: bool [B, T, N]. k_keep: bool [B, S, N].
+    scale, implementation: as in `sparse_causal_attention`.
+  """
+  _check_qkv(q, k, v)
+  _check_tokens("q_keep", q_keep, _token_shape(q), "bool")
+  _check_tokens("k_keep", k_keep, _token_shape(k), "bool")
+  config = _config(q, False, scale, implementation)
+  return core.attention(q, k, v, sorting.by_keep_mask(q_keep, k_keep), config)
+
+
+def hash_sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_buckets: jax.Array,
+    k_buckets: jax.Array,
+    strict: bool = False,
+    scale: float | None = None,
+    implementation: core.Implementation | None = None,
+) -> jax.Array:
+  """Causal attention inside buckets (paper section 3.2, hash-sparse).
+
+  Query t attends key s iff q_buckets[t] == k_buckets[s] and t >= s (t > s if strict).
+  Exact attention restricted to bucket collisions; a query whose bucket holds no
+  earlier key outputs 0.
+
+  Args:
+    q: [B, T, N, H]. k, v: [B, S, N, H].
+    q_buckets: int [B, T, N]. k_buckets: int [B, S, N]; any non-negative ints,
+      e.g. from `lsh_buckets`. (Values are checked outside jit only.)
+    strict, scale, implementation: as in `sparse_causal_attention`.
+  """
+  _check_qkv(q, k, v)
+  _check_tokens("q_buckets", q_buckets, _token_shape(q), "int")
+  _check_tokens("k_buckets", k_buckets, _token_shape(k), "int")
+  _check_non_negative("q_buckets", q_buckets)
+  _check_non_negative("k_buckets", k_buckets)
+  config = _config(q, strict, scale, implementation)
+  return core.attention(q, k, v, sorting.by_bucket(q_buckets, k_buckets), config)

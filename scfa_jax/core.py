@@ -1,0 +1,76 @@
+"""The one autodiff boundary: a custom_vjp over sorted tokens, dispatching to a backend.
+
+Every backend module provides
+
+    forward(config, q, k, v, tokens) -> (o, lse)
+    backward(config, q, k, v, tokens, o, lse, do) -> (dq, dk, dv)
+
+with q [B, T, N, H], k and v [B, S, N, H] and o, dq, dk, dv in that original layout,
+`tokens` a `SortedTokens`, and lse the float32 log-sum-exp (natural log) of each
+sorted query slot, [B, N, T], +inf for a slot with no allowed key. The lse layout is
+the backend's own business between its forward and backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from typing import Literal
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+
+from scfa_jax.sorting import SortedTokens
+
+Implementation = Literal["xla", "triton", "interpret"]
+
+CHECKPOINT_NAME = "scfa_attention_output"
+"""Name given to attention outputs, so that a remat policy can keep them."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+  """Static settings of one attention call; hashable, the custom_vjp's static argument."""
+
+  implementation: Implementation
+  strict: bool
+  scale: float
+
+
+_BACKEND_MODULES = {
+    "xla": "scfa_jax.xla",
+    "triton": "scfa_jax.triton_backend",
+    "interpret": "scfa_jax.triton_backend",
+}
+
+
+def _backend(config: AttentionConfig):
+  return importlib.import_module(_BACKEND_MODULES[config.implementation])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(config, q, k, v, tokens):
+  o, _ = _backend(config).forward(config, q, k, v, tokens)
+  return o
+
+
+def _attention_fwd(config, q, k, v, tokens):
+  o, lse = _backend(config).forward(config, q, k, v, tokens)
+  return o, (q, k, v, tokens, o, lse)
+
+
+def _attention_bwd(config, residuals, do):
+  q, k, v, tokens, o, lse = residuals
+  dq, dk, dv = _backend(config).backward(config, q, k, v, tokens, o, lse, do)
+  return dq, dk, dv, None  # the sort order is not differentiated
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, tokens: SortedTokens, config: AttentionConfig
+) -> jax.Array:
+  """SCFA over `tokens`; differentiable in q, k, v. Inputs are validated by the caller."""
+  return checkpoint_name(_attention(config, q, k, v, tokens), CHECKPOINT_NAME)

@@ -1,0 +1,37 @@
+"""Angular locality-sensitive hashing, as in the paper's hash-sparse language model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def random_rotations(key: jax.Array, num_heads: int, head_dim: int, num_buckets: int) -> jax.Array:
+  """Gaussian projections for `lsh_buckets`: float32 [N, H, num_buckets // 2].
+
+  num_buckets must be even and positive: each projection direction r yields two buckets,
+  one for x.r and one for -x.r.
+  """
+  for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("num_buckets", num_buckets)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  if num_buckets % 2:
+    raise ValueError(f"num_buckets must be even (buckets come in +/- pairs), got {num_buckets=}")
+  return jax.random.normal(key, (num_heads, head_dim, num_buckets // 2), jnp.float32)
+
+
+def lsh_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
+  """Bucket ids argmax([xR, -xR]) per token and head: int32 [B, T, N] in [0, 2 * R).
+
+  Args:
+    x: [B, T, N, H] queries or keys.
+    rotations: [N, H, R], e.g. from `random_rotations`.
+  """
+  if x.ndim != 4:
+    raise ValueError(f"x must be [B, T, N, H], got x.shape={x.shape}")
+  if rotations.ndim != 3 or rotations.shape[:2] != x.shape[2:]:
+    raise ValueError(
+        f"rotations must be [N, H, R] with (N, H) = {x.shape[2:]} from x, got {rotations.shape=}"
+    )
+  projected = jnp.einsum("btnh,nhr->btnr", x.astype(jnp.float32), rotations.astype(jnp.float32))
+  return jnp.argmax(jnp.concatenate([projected, -projected], axis=-1), axis=-1).astype(jnp.int32)
