@@ -64,8 +64,9 @@ def _check_non_negative(name: str, x) -> None:
   """Checks values when they are known (outside jit); traced values cannot be checked."""
   if isinstance(x, jax.core.Tracer):
     return
-  if x.size and int(np.min(np.asarray(x))) < 0:
-    raise ValueError(f"{name} must be non-negative bucket ids, got min({name})={int(np.min(np.asarray(x)))}")
+  smallest = int(np.min(np.asarray(x))) if x.size else 0
+  if smallest < 0:
+    raise ValueError(f"{name} must be non-negative bucket ids, got min({name})={smallest}")
 
 
 def _resolve_implementation(implementation, q: jax.Array) -> core.Implementation:

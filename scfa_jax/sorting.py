@@ -64,7 +64,9 @@ def _head_major(x: jax.Array) -> jax.Array:
 def _sort_by_bucket(buckets: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Sorts [B, L, N] buckets by (bucket, position); returns (perm, sorted buckets)."""
   pos = _positions(buckets)
-  sorted_hash, perm = jax.lax.sort((_head_major(buckets), pos), dimension=-1, num_keys=2)
+  # A stable sort on the bucket alone keeps positions ascending inside each bucket and
+  # compares one key instead of two.
+  sorted_hash, perm = jax.lax.sort((_head_major(buckets), pos), dimension=-1, is_stable=True)
   return perm, sorted_hash
 
 
@@ -76,7 +78,7 @@ def _compact(keep: jax.Array, pad: int) -> tuple[jax.Array, jax.Array]:
   """
   pos = _positions(keep)
   dropped = _head_major(~keep)
-  dropped_sorted, perm = jax.lax.sort((dropped, pos), dimension=-1, num_keys=2)
+  dropped_sorted, perm = jax.lax.sort((dropped, pos), dimension=-1, is_stable=True)
   return perm, jnp.where(dropped_sorted == 0, perm, pad)
 
 
