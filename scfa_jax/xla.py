@@ -115,7 +115,7 @@ def backward(config, q, k, v, tokens, o, lse, do):
     dv += jnp.einsum("bnqs,bnqh->bnsh", jnp.where(in_k, p, 0.0), x["do"], preferred_element_type=jnp.float32)
     return (dk, dv), dq
 
-  zeros = jnp.zeros(prep.k.shape, jnp.float32)
+  zeros = jnp.zeros_like(prep.k, dtype=jnp.float32)  # zeros_like keeps shard_map's varying axes
   (dk, dv), dq = jax.lax.scan(tile, (zeros, zeros), scan_inputs)
   dq = scatter_rows(_untile(dq, prep.length), tokens.q_perm).astype(q.dtype)
   dk = scatter_rows(dk, tokens.k_perm).astype(k.dtype)

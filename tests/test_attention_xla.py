@@ -266,3 +266,41 @@ def test_default_implementation_on_cpu_is_xla():
   out = scfa_jax.qk_sparse_attention(q, k, v, q_keep=keep, k_keep=keep)
   want = scfa_jax.qk_sparse_attention(q, k, v, q_keep=keep, k_keep=keep, implementation="xla")
   assert np.array_equal(np.asarray(out), np.asarray(want))
+
+
+def test_shard_map_over_the_batch_axis():
+  """Attention runs per device under shard_map over B (4 virtual CPU devices)."""
+  import subprocess
+  import sys
+  import textwrap
+
+  script = textwrap.dedent(
+      """
+      import os
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+      import jax, jax.numpy as jnp, numpy as np
+      from jax.sharding import PartitionSpec as P
+      import scfa_jax
+      from scfa_jax import reference
+      mesh = jax.make_mesh((4,), ("data",))
+      q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 96, 2, 16))
+      buckets = jax.random.randint(jax.random.PRNGKey(1), (8, 96, 2), 0, 4)
+      batch = jax.sharding.NamedSharding(mesh, P("data"))
+      q, k, v, buckets = (jax.device_put(x, batch) for x in (q, k, v, buckets))
+      attn = lambda q, k, v, b: scfa_jax.hash_sparse_attention(
+          q, k, v, q_buckets=b, k_buckets=b, strict=True, implementation="xla")
+      with jax.set_mesh(mesh):
+        sharded = jax.jit(jax.shard_map(attn, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+        grad = jax.jit(jax.grad(lambda q: jnp.sum(sharded(q, k, v, buckets) ** 2)))
+        out = sharded(q, k, v, buckets)
+        want = reference.hash_sparse_attention(q, k, v, q_buckets=buckets, k_buckets=buckets, strict=True)
+        np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+        want_grad = jax.grad(lambda q: jnp.sum(reference.hash_sparse_attention(
+            q, k, v, q_buckets=buckets, k_buckets=buckets, strict=True) ** 2))(q)
+        np.testing.assert_allclose(grad(q), want_grad, atol=1e-4, rtol=1e-4)
+        assert len(out.sharding.device_set) == 4
+      print("ok")
+      """
+  )
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
