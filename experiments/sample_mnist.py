@@ -1,0 +1,48 @@
+"""Sample digits from a trained MNIST run and save them as a PNG grid.
+
+    python experiments/sample_mnist.py --config=mnist_hash8          # -> runs/mnist_hash8/samples.png
+    python experiments/sample_mnist.py --config=mnist_hash8 --num=64 --out_dir=runs/other
+
+Restores the run's last checkpoint; `--key=value` overrides work as in train_lm.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
+
+from experiments import configs  # noqa: E402
+
+
+def main(argv: list[str]) -> Path:
+  name, num, seed, path, overrides = None, 16, 0, None, []
+  for arg in argv:
+    key, _, value = arg.removeprefix("--").partition("=")
+    if arg in ("-h", "--help"):
+      print(__doc__)
+      sys.exit(0)
+    if key == "config":
+      name = value
+    elif key == "num":
+      num = int(value)
+    elif key == "sample_seed":
+      seed = int(value)
+    elif key == "png":
+      path = value
+    else:
+      overrides.append(arg)
+  if name is None:
+    sys.exit("error: --config=NAME is required (the run to sample from, e.g. --config=mnist_hash8)")
+  config = configs.apply_overrides(configs.get(name), overrides)
+
+  from scfa_jax.data import mnist  # noqa: PLC0415
+
+  out = mnist.sample_grid_from_run(config, path, num=num, seed=seed)
+  print(f"samples: {out}")
+  return out
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

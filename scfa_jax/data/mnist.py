@@ -1,0 +1,203 @@
+"""MNIST as pixel sequences, for autoregressive image generation with the same GPT.
+
+Each 28x28 image becomes one record of 785 tokens: a start-of-image token (256)
+followed by its 784 pixels in raster order, each pixel its own 8-bit intensity
+(256 tokens, no quantisation). Vocabulary 257, uint16. With the model's block_size =
+784 and record_length = 785, every training window is exactly one image: inputs
+[BOS, p0..p782], targets [p0..p783], so the loss in bits is bits per dimension
+(unit "pixel") over all 784 pixels, the first one included. The start token doubles
+as the prepared data's eot_token, so the training program's sampler starts an image.
+
+Data comes from TensorFlow Datasets (`tfds.data_source("mnist")`, array-record
+access, no TensorFlow needed): the "train" split (60,000) becomes train.bin, the
+"test" split (10,000) val.bin, the split image-generation results are reported on.
+tensorflow-datasets is imported only inside `load_tfds`: training, sampling and the
+grid need only the prepared arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from scfa_jax.data import prepared
+
+SIDE = 28
+PIXELS = SIDE * SIDE
+BOS = 256  # start-of-image token
+VOCAB_SIZE = 257
+RECORD_LENGTH = PIXELS + 1
+DEFAULT_FOLDER = Path("runs") / "data" / "mnist"
+SPLITS = {"train": "train", "val": "test"}  # prepared split -> tfds split
+
+
+def load_tfds(split: str, *, data_dir: str | os.PathLike | None = None, download: bool = True) -> np.ndarray:
+  """uint8 images [N, 28, 28] of one tfds split ("train" or "test")."""
+  try:
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+  except ImportError:
+    raise ImportError(
+      "MNIST preparation needs tensorflow-datasets (pip install tensorflow-datasets array_record; "
+      "TensorFlow itself is not needed). Prepare on any machine that has it and copy the prepared "
+      "folder (train.bin, val.bin, meta.json) to the training machine."
+    ) from None
+  try:
+    source = tfds.data_source("mnist", split=split, data_dir=data_dir, download=download)
+  except Exception as error:  # noqa: BLE001  (download, preparation and format errors alike)
+    raise RuntimeError(
+      f"tfds.data_source('mnist', split={split!r}, data_dir={data_dir!r}) failed: "
+      f"{type(error).__name__}: {error}. It downloads MNIST (11 MB) on first use into data_dir "
+      "(default ~/tensorflow_datasets) in array_record format. Offline: run "
+      "'tfds build mnist --file_format=array_record --data_dir DIR' on a connected machine, copy DIR "
+      "here and pass --tfds_data_dir DIR"
+    ) from None
+  from tqdm.auto import tqdm  # noqa: PLC0415
+
+  images = [
+    np.asarray(source[i]["image"]) for i in tqdm(range(len(source)), desc=f"mnist {split}", unit="image")
+  ]
+  return np.stack(images).reshape(len(images), SIDE, SIDE).astype(np.uint8)
+
+
+def images_to_tokens(images: np.ndarray) -> np.ndarray:
+  """uint8 images [N, 28, 28] -> uint16 [N * 785]: per image BOS then its pixels in raster order."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.size % PIXELS:
+    raise ValueError(
+      f"images must be uint8 with 784 pixels each, got dtype={images.dtype}, shape={images.shape}"
+    )
+  pixels = images.reshape(-1, PIXELS).astype(np.uint16)
+  return np.concatenate([np.full((len(pixels), 1), BOS, np.uint16), pixels], axis=1).ravel()
+
+
+def prepare(
+  folder: str | os.PathLike = DEFAULT_FOLDER,
+  *,
+  data_dir: str | os.PathLike | None = None,
+  download: bool = True,
+) -> Path:
+  """Writes the prepared folder from tfds MNIST (skipped when already prepared); returns it."""
+  folder = Path(folder)
+  if prepared.is_prepared(folder):
+    return folder
+  meta = prepared.DatasetMeta(
+    name="mnist",
+    vocab_size=VOCAB_SIZE,
+    dtype="uint16",
+    unit="pixel",
+    eot_token=BOS,
+    record_length=RECORD_LENGTH,
+    description="tfds mnist; per image: start token 256 + 784 pixels (raster order, intensities 0-255); "
+    "train = tfds train (60k), val = tfds test (10k); train with block_size=784",
+  )
+  for split, tfds_split in SPLITS.items():
+    prepared.write_split(
+      folder, split, images_to_tokens(load_tfds(tfds_split, data_dir=data_dir, download=download)), meta
+    )
+  prepared.write_meta(folder, meta)
+  return folder
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def tokens_to_images(tokens) -> np.ndarray:
+  """Token sequences -> uint8 images [N, 28, 28].
+
+  Takes [N, 784] pixels, [N, 785] records, or one flat stream of whole records (as the
+  training program's samples.txt holds). A start token sampled inside an image shows
+  as black (0).
+  """
+  tokens = np.asarray(tokens)
+  if tokens.ndim == 1:
+    size = RECORD_LENGTH if tokens.size % RECORD_LENGTH == 0 and tokens[:1].tolist() == [BOS] else PIXELS
+    tokens = tokens.reshape(-1, size) if tokens.size % size == 0 else None
+  if tokens is None or tokens.ndim != 2 or tokens.shape[1] not in (PIXELS, RECORD_LENGTH):
+    raise ValueError(f"tokens must be [N, 784], [N, 785] or whole records flat, got shape={np.shape(tokens)}")
+  pixels = tokens[:, -PIXELS:]
+  return np.where(pixels >= BOS, 0, pixels).astype(np.uint8).reshape(-1, SIDE, SIDE)
+
+
+def save_grid(
+  tokens_or_images, path: str | os.PathLike, *, columns: int = 8, title: str | None = None
+) -> Path:
+  """A PNG grid of digits from generated tokens (see tokens_to_images) or images [N, 28, 28]."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  data = np.asarray(tokens_or_images)
+  images = data.astype(np.uint8) if data.ndim == 3 else tokens_to_images(data)
+  rows = -(-len(images) // columns)
+  cols = min(columns, len(images))
+  fig, axes = plt.subplots(rows, cols, figsize=(cols, rows + (0.4 if title else 0)), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis("off")
+  for ax, image in zip(axes.ravel(), images):
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout(pad=0.2)
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
+def sample(model, *, num: int, key, temperature: float = 1.0):
+  """num images sampled pixel by pixel from the start token: int32 [num, 784].
+
+  Plain ancestral sampling (temperature 1, no top-k), the distribution that the bits
+  per dimension measure. One compiled loop of 784 full forward passes (no KV cache).
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  if model.config.block_size < PIXELS:
+    raise ValueError(f"the model's block_size={model.config.block_size} must be >= {PIXELS} (one image)")
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, key):
+    model = nnx.merge(graphdef, state)
+    buffer = jnp.zeros((num, RECORD_LENGTH), jnp.int32).at[:, 0].set(BOS)
+
+    def step(i, buffer):
+      step_key = jax.random.fold_in(key, i)
+      logits = model(buffer[:, :PIXELS], rngs=nnx.Rngs(attention=jax.random.fold_in(step_key, 1)))[:, i]
+      logits = logits[:, :BOS] / temperature  # pixels only: never the start token
+      return buffer.at[:, i + 1].set(jax.random.categorical(step_key, logits).astype(jnp.int32))
+
+    return jax.lax.fori_loop(0, PIXELS, step, buffer)[:, 1:]
+
+  return run(state, key)
+
+
+def sample_grid_from_run(
+  config, path: str | os.PathLike | None = None, *, num: int = 16, seed: int = 0
+) -> Path:
+  """Restores the last checkpoint of a finished (or running) MNIST run and saves a grid of samples.
+
+  config: the run's `scfa_jax.train.TrainConfig`; path defaults to out_dir/samples.png.
+  """
+  import jax  # noqa: PLC0415
+
+  from scfa_jax import train  # noqa: PLC0415
+
+  trainer = train.Trainer.create(config)
+  checkpoints = train.Checkpoints(Path(config.out_dir) / "checkpoints")
+  step = checkpoints.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {config.out_dir}/checkpoints: train the run first")
+  trainer.state = checkpoints.restore(step, trainer.state)
+  checkpoints.close()
+  images = sample(trainer.model(), num=num, key=jax.random.key(seed))
+  path = Path(config.out_dir) / "samples.png" if path is None else path
+  return save_grid(
+    np.asarray(jax.device_get(images)), path, title=f"{Path(config.out_dir).name}, step {step}"
+  )
