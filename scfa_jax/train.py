@@ -164,6 +164,11 @@ class Trainer:
   @classmethod
   def create(cls, config: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> Trainer:
     mesh = make_mesh() if mesh is None else mesh
+    if config.micro_batch % mesh.size:
+      raise ValueError(
+          f"batch_size / grad_accum = {config.micro_batch} sequences per micro-batch must split evenly "
+          f"over the {mesh.size} devices of the 'data' axis"
+      )
     model = GPT(config.model, rngs=nnx.Rngs(params=config.seed))
     opt = nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)
     model_def, model_state = nnx.split(model)
@@ -434,9 +439,8 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
   bar.close()
   if checkpoints:
     checkpoints.close()
-  summary = {"step": trainer.step, "out_dir": str(out), "metrics": str(out / "metrics.jsonl")}
-  if last_eval:
-    summary.update(last_eval)
+  summary = {**(last_eval or {}), "step": trainer.step, "out_dir": str(out), "metrics": str(out / "metrics.jsonl")}
+  summary.pop("kind", None)
   if lead and trainer.step == config.steps:
     summary["plot"] = str(plot_metrics(MetricsLog.read(log.path), out / "loss.png", bits_name))
     if config.sample_tokens:

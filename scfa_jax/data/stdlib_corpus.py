@@ -12,6 +12,8 @@ every run and never cuts a file. The result is cached in the prepared format
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -74,9 +76,20 @@ def prepare(folder: str | Path | None = None, root: Path | None = None) -> Path:
       description=f"{len(files)} .py files of the Python {sys.version.split()[0]} standard library at {root}; "
       "bytes + end-of-text (256) after each file; validation = files whose sha1(relative path)[0] < 13",
   )
+  # Built in a private folder and renamed into place, so concurrent first runs (test
+  # workers, several processes of one host) never see or write a half-built corpus.
+  if not (parts["train"] and parts["val"]):
+    raise ValueError(f"the {len(files)} files under {root} do not fill both a train and a validation split")
+  tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
   for split, chunks in parts.items():
-    prepared.write_split(folder, split, np.concatenate(chunks), meta)
-  prepared.write_meta(folder, meta)  # written last: its presence marks a finished folder
+    prepared.write_split(tmp, split, np.concatenate(chunks), meta)
+  prepared.write_meta(tmp, meta)
+  try:
+    os.rename(tmp, folder)
+  except OSError:  # another process finished first
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not prepared.is_prepared(folder):
+      raise
   return folder
 
 

@@ -1,0 +1,110 @@
+"""GPT: the paper's architecture and sizes, causality, gradients, sampling, config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from scfa_jax.model import GPT, PRESETS, GPTConfig, count_params, generate, preset
+
+TINY = GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32, num_buckets=4,
+                 compute_dtype="float32", implementation="xla")  # fmt: skip
+
+
+def test_paper_preset_has_122m_parameters():
+  config = PRESETS["gpt122m"]
+  assert (config.n_layer, config.n_embd, config.n_head, config.n_embd // config.n_head) == (12, 768, 12, 64)
+  assert config.shared_qk and config.vocab_size == 50304
+  model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+  d, v, t, layers = 768, 50304, 8192, 12
+  per_layer = 3 * d * d + 8 * d * d + 2 * d  # shared-QK: q, v, out; MLP 4x; two LayerNorm scales
+  assert count_params(model) == v * d + t * d + layers * per_layer + d == 122_800_896
+
+
+def test_init_and_tied_embeddings():
+  config = preset("cpu_small")
+  model = GPT(config, rngs=nnx.Rngs(0))
+  residual = 0.02 / math.sqrt(2 * config.n_layer)
+  assert abs(float(jnp.std(model.wte[...])) - 0.02) < 1e-3
+  assert abs(float(jnp.std(model.blocks[0].mlp.w_in[...])) - 0.02) < 1e-3
+  assert abs(float(jnp.std(model.blocks[0].mlp.w_out[...])) - residual) < 1e-3
+  assert abs(float(jnp.std(model.blocks[0].attn.wo[...])) - residual) < 1e-3
+  params = nnx.state(model, nnx.Param)
+  assert not any("bias" in str(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+  assert model.blocks[0].attn.wk is None  # shared QK
+  # Tied: the output layer is the token embedding; zeroing a row zeroes that logit.
+  model.wte[...] = model.wte[...].at[5].set(0.0)
+  logits = model(jnp.zeros((1, 4), jnp.int32), rngs=jax.random.key(0))
+  np.testing.assert_allclose(logits[..., 5], 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["dense", "hash", "qk_drop"])
+def test_causal_future_tokens_do_not_change_the_past(attention):
+  config = dataclasses.replace(TINY, attention=attention, drop_rate=0.3)
+  model = GPT(config, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 61)
+  changed = tokens.at[:, 20:].set((tokens[:, 20:] + 1) % 61)
+  a = model(tokens, rngs=nnx.Rngs(attention=4))
+  b = model(changed, rngs=nnx.Rngs(attention=4))
+  assert a.shape == (2, 32, 61) and a.dtype == jnp.float32
+  np.testing.assert_allclose(a[:, :20], b[:, :20], atol=1e-5)
+  assert not np.allclose(a[:, 20:], b[:, 20:])
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_gradients_reach_every_parameter(remat):
+  model = GPT(dataclasses.replace(TINY, remat=remat), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, 61)
+
+  def loss(model):
+    logits = model(tokens[:, :-1], rngs=nnx.Rngs(attention=2))
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+  value, grads = nnx.value_and_grad(loss)(model)
+  assert abs(float(value) - math.log(61)) < 0.2
+  for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
+    assert np.all(np.isfinite(g)) and np.any(g != 0), path
+
+
+def test_bf16_compute_keeps_float32_params_and_logits():
+  model = GPT(dataclasses.replace(TINY, compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  logits = model(jnp.zeros((1, 8), jnp.int32), rngs=jax.random.key(0))
+  assert logits.dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_generate_is_deterministic_and_slides_past_block_size():
+  model = GPT(TINY, rngs=nnx.Rngs(0))
+  prompt = jnp.array([1, 2, 3])
+  a = generate(model, prompt, steps=40, key=jax.random.key(0))  # 43 > block_size 32
+  b = generate(model, prompt, steps=40, key=jax.random.key(0))
+  assert a.shape == (43,) and np.array_equal(a, b) and np.array_equal(a[:3], prompt)
+  assert int(a.max()) < 61 and int(a.min()) >= 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_buckets": 5}, "num_buckets"),
+        ({"attention": "qk_drop", "drop_rate": 1.5}, "drop_rate"),
+        ({"n_head": 3}, "n_head"),
+        ({"attention": "local"}, "attention"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"implementation": "cuda"}, "implementation"),
+    ],
+)
+def test_bad_config_raises(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    dataclasses.replace(TINY, **kwargs)
+
+
+def test_too_long_input_raises():
+  model = GPT(TINY, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="block_size"):
+    model(jnp.zeros((1, 33), jnp.int32), rngs=jax.random.key(0))

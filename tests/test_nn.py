@@ -1,0 +1,133 @@
+"""SparseCausalSelfAttention against plain masked attention written here, in numpy."""
+
+from __future__ import annotations
+
+import doctest
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import scfa_jax.nn
+from scfa_jax import lsh
+from scfa_jax.nn import SparseCausalSelfAttention
+
+B, T, D, N = 2, 24, 32, 4
+H = D // N
+
+
+def _layer(mode, shared_qk, **kw):
+  return SparseCausalSelfAttention(
+      width=D, num_heads=N, mode=mode, num_buckets=4, drop_rate=0.4, shared_qk=shared_qk,
+      implementation="xla", rngs=nnx.Rngs(0), **kw,
+  )  # fmt: skip
+
+
+def _numpy_attention(layer, x, key):
+  """Projections, mask and softmax done independently of scfa_jax, in float64 numpy."""
+  x = np.asarray(x, np.float64)
+  q = np.einsum("btd,dnh->btnh", x, np.asarray(layer.wq[...], np.float64))
+  v = np.einsum("btd,dnh->btnh", x, np.asarray(layer.wv[...], np.float64))
+  if layer.shared_qk:
+    k = q / np.linalg.norm(q, axis=-1, keepdims=True)
+  else:
+    k = np.einsum("btd,dnh->btnh", x, np.asarray(layer.wk[...], np.float64))
+  t = np.arange(T)
+  causal = t[:, None] >= t[None, :]  # [T, S]
+  mask = np.broadcast_to(causal, (B, N, T, T)).copy()
+  if layer.mode == "hash":
+    r = np.asarray(lsh.random_rotations(key, N, H, layer.num_buckets), np.float64)  # the documented draw
+
+    def buckets(a):
+      p = np.einsum("btnh,nhr->btnr", a, r)
+      return np.argmax(np.concatenate([p, -p], -1), -1).transpose(0, 2, 1)  # [B, N, T]
+
+    qb = buckets(q)
+    kb = qb if layer.shared_qk else buckets(k)
+    strict = t[:, None] > t[None, :]
+    mask = (strict if layer.shared_qk else causal) & (qb[..., :, None] == kb[..., None, :])
+  elif layer.mode == "qk_drop":
+    keep = np.asarray(jax.random.bernoulli(key, 1 - layer.drop_rate, (B, T, N))).transpose(0, 2, 1)
+    mask = causal & keep[..., :, None] & keep[..., None, :]
+  s = np.einsum("btnh,bsnh->bnts", q, k) * H**-0.5
+  s = np.where(mask, s, -np.inf)
+  m = np.max(s, -1, keepdims=True)
+  p = np.exp(s - np.where(np.isfinite(m), m, 0))
+  p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+  o = np.einsum("bnts,bsnh->btnh", p, v)
+  return np.einsum("btnh,nhd->btd", o, np.asarray(layer.wo[...], np.float64)), mask
+
+
+@pytest.mark.parametrize("shared_qk", [True, False])
+@pytest.mark.parametrize("mode", ["dense", "hash", "qk_drop"])
+def test_layer_matches_plain_masked_attention(mode, shared_qk):
+  layer = _layer(mode, shared_qk)
+  x = jax.random.normal(jax.random.key(1), (B, T, D))
+  key = jax.random.key(7)
+  got = np.asarray(layer(x, rngs=key))
+  want, mask = _numpy_attention(layer, x, key)
+  if mode != "dense":
+    assert 0.05 < mask.mean() < 0.45, "the draw should make the pattern sparse but not empty"
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4)
+
+
+def test_rngs_streams_and_reproducibility():
+  x = jax.random.normal(jax.random.key(1), (B, T, D))
+  layer = _layer("hash", True)
+  a, b = layer(x), layer(x)  # the stored stream advances: fresh rotations per call
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(layer(x, rngs=nnx.Rngs(attention=3)), layer(x, rngs=nnx.Rngs(attention=3)))
+  no_stream = SparseCausalSelfAttention(width=D, num_heads=N, mode="hash", rngs=nnx.Rngs(params=0))
+  with pytest.raises(ValueError, match="needs randomness"):
+    no_stream(x)
+  assert no_stream(x, rngs=jax.random.key(0)).shape == x.shape
+
+
+@pytest.mark.parametrize("mode", ["dense", "hash", "qk_drop"])
+def test_gradients_reach_every_parameter(mode):
+  layer = _layer(mode, shared_qk=False)
+  x = jax.random.normal(jax.random.key(1), (B, T, D))
+  grads = nnx.grad(lambda m: jnp.sum(m(x, rngs=jax.random.key(2)) ** 2))(layer)
+  leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
+  assert len(leaves) == 4
+  for g in leaves:
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+
+def test_bfloat16_compute_under_jit():
+  """bf16 matmuls on float32 params give the float32 result to bf16 accuracy."""
+  build = lambda dtype: SparseCausalSelfAttention(  # noqa: E731
+      width=D, num_heads=N, mode="qk_drop", drop_rate=0.3, dtype=dtype, rngs=nnx.Rngs(0)
+  )
+  x = jax.random.normal(jax.random.key(1), (B, T, D))
+  layer = build(jnp.bfloat16)
+  y = nnx.jit(lambda m, x: m(x, rngs=jax.random.key(5)))(layer, x)
+  assert y.dtype == jnp.bfloat16 and layer.wq[...].dtype == jnp.float32
+  want = build(jnp.float32)(x, rngs=jax.random.key(5))
+  np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"mode": "hash", "num_buckets": 3}, "num_buckets"),
+        ({"mode": "hash", "num_buckets": 0}, "num_buckets"),
+        ({"mode": "qk_drop", "drop_rate": 1.0}, "drop_rate"),
+        ({"mode": "qk_drop", "drop_rate": -0.1}, "drop_rate"),
+        ({"num_heads": 5}, "num_heads"),
+        ({"mode": "sparse"}, "mode"),
+        ({"implementation": "pallas"}, "implementation"),
+        ({"mode": "hash", "implementation": "cudnn"}, "implementation"),
+    ],
+)
+def test_bad_configuration_raises_at_construction(kwargs, field):
+  args = {"width": D, "num_heads": N, "rngs": nnx.Rngs(0)} | kwargs
+  with pytest.raises(ValueError, match=field):
+    SparseCausalSelfAttention(**args)
+
+
+def test_docstring_example_runs():
+  result = doctest.testmod(scfa_jax.nn, verbose=False)
+  assert result.attempted >= 2 and result.failed == 0

@@ -1,0 +1,149 @@
+"""Training library: schedule, decay mask, data, tiny runs, resume equality, configs, the script."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from scfa_jax import train
+from scfa_jax.data import batches, prepared, stdlib_corpus
+from scfa_jax.model import GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY_MODEL = GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32, num_buckets=4,
+                       implementation="xla")  # fmt: skip
+
+
+def _config(out_dir, **kw) -> train.TrainConfig:
+  base = dict(model=TINY_MODEL, batch_size=4, steps=8, eval_every=4, eval_batches=1, log_every=1,
+              checkpoint_every=4, sample_tokens=0, out_dir=str(out_dir), lr=3e-3)  # fmt: skip
+  return train.TrainConfig(**(base | kw))
+
+
+def _curve(path) -> list[dict]:
+  timing = ("tokens_per_s", "elapsed_s")
+  return [{k: v for k, v in r.items() if k not in timing} for r in train.MetricsLog.read(path)]
+
+
+def test_schedule_warmup_cosine_floor():
+  config = train.TrainConfig(steps=1000, lr=1e-3)
+  lr = train.learning_rate(config)
+  assert float(lr(0)) == 0.0
+  assert math.isclose(float(lr(20)), 1e-3, rel_tol=1e-6)  # 2% warm-up
+  assert math.isclose(float(lr(1000)), 2e-4, rel_tol=1e-6)  # floor 0.2 x peak
+  assert 2e-4 < float(lr(500)) < 1e-3
+
+
+def test_weight_decay_only_on_matrices():
+  config = train.TrainConfig(model=TINY_MODEL, lr=0.1, weight_decay=0.1, grad_clip=0.0, steps=2, warmup_frac=0.5)
+  trainer = train.Trainer.create(config)
+  model = trainer.model()
+  opt = nnx.Optimizer(model, train.optimizer(config), wrt=nnx.Param)
+  before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+  zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+  opt.update(model, zeros)  # step 0 has lr 0: take a second step
+  opt.update(model, zeros)
+  after = nnx.state(model, nnx.Param)
+  for (path, b), a in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(after), strict=True):
+    if b.ndim >= 2:
+      assert np.all(np.abs(a) < np.abs(b) + 1e-12) and not np.allclose(a, b), path
+    else:
+      np.testing.assert_array_equal(a, b)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+  tokens = np.arange(10_000) % 251
+  a = batches.train_batch(tokens, seed=1, step=5, shape=(2, 4), length=16)
+  assert a.shape == (2, 4, 17) and a.dtype == np.int32
+  np.testing.assert_array_equal(a, batches.train_batch(tokens, seed=1, step=5, shape=(2, 4), length=16))
+  assert not np.array_equal(a, batches.train_batch(tokens, seed=1, step=6, shape=(2, 4), length=16))
+  rows = batches.train_batch(tokens, seed=1, step=5, shape=(2, 4), length=16, rows=slice(2, 4))
+  np.testing.assert_array_equal(rows, a[:, 2:])
+  np.testing.assert_array_equal(a[..., 1:] - a[..., :-1], np.where(a[..., 1:] == 0, -250, 1))  # contiguous
+  records = batches.train_batch(tokens, seed=0, step=0, shape=(8,), length=16, record_length=10)
+  assert np.all(records[:, 0] % 251 % 10 == 0) or records.shape == (8, 17)
+  fixed = batches.eval_batches(tokens, num_batches=3, batch_size=2, length=16)
+  assert fixed.shape == (3, 2, 17) and fixed[0, 0, 0] == 0
+
+
+def test_stdlib_corpus_format_and_split(tmp_path):
+  root = tmp_path / "lib"
+  files = {f"pkg{i % 3}/m{i}.py": f"x = {i}\n" for i in range(200)} | {"site-packages/c.py": "no", "d.txt": "no"}
+  for rel, text in files.items():
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(text)
+  expected = sorted(r for r in files if r.startswith("pkg"))
+  assert stdlib_corpus.source_files(root) == expected
+  folder = stdlib_corpus.prepare(tmp_path / "prepared", root=root)
+  splits, meta = prepared.load(folder)
+  assert (meta.vocab_size, meta.unit, meta.eot_token, meta.bits_metric()) == (257, "byte", 256, "bits_per_byte")
+  for split in ("train", "val"):
+    want = "".join(files[r] + "\n<|endoftext|>\n" for r in expected if stdlib_corpus.is_validation(r) == (split == "val"))
+    assert stdlib_corpus.decode(splits[split]) + "" == want.rstrip("") and want
+  real = stdlib_corpus.source_files()
+  assert len(real) > 500 and "os.py" in real and real == sorted(real)
+  share = np.mean([stdlib_corpus.is_validation(r) for r in real])
+  assert 0.02 < share < 0.1
+
+
+def test_loss_decreases_on_a_tiny_run(tmp_path):
+  summary = train.train(_config(tmp_path, steps=30, eval_every=30, checkpoint_every=0), progress=False)
+  evals = [r for r in train.MetricsLog.read(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
+  assert [r["step"] for r in evals] == [0, 30]
+  assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+  assert math.isclose(evals[-1]["val_bits_per_byte"], evals[-1]["val_loss"] / math.log(2))
+  assert Path(summary["plot"]).stat().st_size > 1000
+
+
+def test_killed_and_restarted_run_continues_the_same_loss_curve(tmp_path):
+  config = _config(tmp_path / "straight", model=dataclasses.replace(TINY_MODEL, attention="qk_drop", drop_rate=0.3),
+                   grad_accum=2)  # fmt: skip
+  train.train(config, progress=False)
+  resumed = dataclasses.replace(config, out_dir=str(tmp_path / "resumed"))
+  first = train.train(resumed, progress=False, stop_after=5)  # "killed" after step 5; last checkpoint: 4
+  assert first["step"] == 5
+  second = train.train(resumed, progress=False)
+  assert second["step"] == 8
+  straight, again = _curve(tmp_path / "straight/metrics.jsonl"), _curve(tmp_path / "resumed/metrics.jsonl")
+  assert [r["step"] for r in again if r["kind"] == "train"] == list(range(1, 9))
+  assert again == straight
+
+
+def test_every_registered_config_builds_and_overrides_parse():
+  from experiments import configs  # noqa: PLC0415
+
+  every = configs.all_configs()
+  assert {"stdlib_demo", "gpt122m_hash16", "gpt122m_dense"} <= set(every)
+  assert every[configs.DEFAULT].model.attention == "hash"
+  paper = every["gpt122m_hash16"]
+  assert (paper.model.n_layer, paper.model.n_embd, paper.model.num_buckets, paper.lr) == (12, 768, 16, 1e-3)
+  c = configs.apply_overrides(every["stdlib_demo"], ["--steps=7", "--model.n_layer=2", "--num_buckets=8",
+                                                     "--implementation=none", "--shared_qk=false"])  # fmt: skip
+  assert (c.steps, c.model.n_layer, c.model.num_buckets, c.model.implementation, c.model.shared_qk) == (
+      7, 2, 8, None, False)  # fmt: skip
+  for bad, message in [("--nope=1", "unknown field"), ("--steps=x", "expects a int"), ("--num_buckets=3", "num_buckets"),
+                       ("--model=1", "group of fields")]:  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+      configs.apply_overrides(c, [bad])
+
+
+def test_main_script_end_to_end(tmp_path, capsys):
+  from experiments import train_lm  # noqa: PLC0415
+
+  out = tmp_path / "run"
+  summary = train_lm.main(["--steps=3", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32",
+                           "--batch_size=2", "--eval_batches=1", "--sample_tokens=20", f"--out_dir={out}"])  # fmt: skip
+  printed = capsys.readouterr().out
+  assert "plot:" in printed and "samples:" in printed
+  assert (out / "loss.png").exists() and (out / "samples.txt").read_text().startswith("def ")
+  assert summary["step"] == 3 and (out / "checkpoints").exists()
