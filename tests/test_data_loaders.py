@@ -183,6 +183,10 @@ def test_openwebtext2_missing_input_and_missing_bpe_give_one_clear_message(tmp_p
   assert "openwebtext2.jsonl.zst.tar" in str(exit_info.value.code) and "tar xf" in str(exit_info.value.code)
   with pytest.raises(FileNotFoundError, match="vocab.bpe"):
     openwebtext2.gpt2_encoding(bpe_dir=tmp_path)
+  (tmp_path / "vocab.bpe").write_text("#version: 0.2\nĠ t\n")
+  (tmp_path / "encoder.json").write_text("{}")
+  with pytest.raises(ValueError, match="not the GPT-2 file"):
+    openwebtext2.gpt2_encoding(bpe_dir=tmp_path)
 
 
 def _gpt2_or_skip():
@@ -279,3 +283,36 @@ def test_mnist_trains_end_to_end_on_tfds_mock_data(mock_mnist, tmp_path):
   assert "val_bits_per_dim" in summary
   png = mnist.sample_grid_from_run(config, tmp_path / "s.png", num=4)
   assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- paper configs
+
+
+def test_paper_configs_match_the_paper():
+  from experiments import configs
+
+  found = configs.all_configs()
+  lm = {n: c for n, c in found.items() if n.startswith("owt2_")}
+  assert sorted(lm) == sorted(
+    [f"owt2_{a}_{t}" for a in ("dense", "hash8", "hash16", "hash32") for t in ("8k", "16k")]
+    + [f"owt2_drop{p}_8k" for p in (30, 50, 70)]
+  )
+  for name, c in lm.items():
+    m = c.model
+    assert (m.n_layer, m.n_embd, m.n_head, m.vocab_size, m.shared_qk) == (12, 768, 12, 50304, True), name
+    assert (c.steps, c.lr, c.warmup_frac, c.min_lr_frac, c.b2, c.weight_decay) == (
+      15000,
+      1e-3,
+      0.02,
+      0.2,
+      0.95,
+      0.1,
+    )
+    assert (m.block_size, c.batch_size) == ((8192, 64) if name.endswith("_8k") else (16384, 30)), name
+    assert c.data == "runs/data/openwebtext2" and c.out_dir == f"runs/{name}"
+  assert lm["owt2_hash32_16k"].model.num_buckets == 32 and lm["owt2_dense_8k"].model.attention == "dense"
+  assert (lm["owt2_drop70_8k"].model.attention, lm["owt2_drop70_8k"].model.drop_rate) == ("qk_drop", 0.7)
+  enwik = found["enwik8_hash8_4k"]
+  assert (enwik.model.vocab_size, enwik.model.block_size, enwik.data) == (256, 4096, "runs/data/enwik8")
+  image = found["mnist_hash8"]
+  assert image.model.block_size + 1 == mnist.RECORD_LENGTH and image.model.vocab_size == mnist.VOCAB_SIZE

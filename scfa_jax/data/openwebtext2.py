@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import io
 import json
 import multiprocessing
@@ -45,6 +46,11 @@ CHUNK_DOCS = 1024  # documents encoded per call
 DEFAULT_FOLDER = Path("runs") / "data" / "openwebtext2"
 RELEASE = "https://openwebtext2.readthedocs.io/ (file openwebtext2.jsonl.zst.tar, about 28 GB)"
 BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+# sha256 of vocab.bpe and encoder.json, as tiktoken_ext.openai_public checks them.
+GPT2_SHA256 = (
+  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+  "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+)
 
 
 def missing_message(source) -> str:
@@ -83,6 +89,11 @@ def gpt2_encoding(bpe_dir: str | os.PathLike | None = None):
   missing = [str(f) for f in files if not f.is_file()]
   if missing:
     raise FileNotFoundError(f"bpe_dir={str(bpe_dir)!r} lacks {missing}; download them from {BPE_URL}")
+  for path, expected in zip(files, GPT2_SHA256, strict=True):
+    if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+      raise ValueError(
+        f"{path} is not the GPT-2 file (sha256 differs from {expected}); download it from {BPE_URL}"
+      )
   ranks = data_gym_to_mergeable_bpe_ranks(str(files[0]), str(files[1]))
   return tiktoken.Encoding(
       name="gpt2", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
