@@ -7,6 +7,7 @@ messages for missing input, and that no document crosses the train/validation cu
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 import zipfile
@@ -316,3 +317,26 @@ def test_paper_configs_match_the_paper():
   assert (enwik.model.vocab_size, enwik.model.block_size, enwik.data) == (256, 4096, "runs/data/enwik8")
   image = found["mnist_hash8"]
   assert image.model.block_size + 1 == mnist.RECORD_LENGTH and image.model.vocab_size == mnist.VOCAB_SIZE
+
+
+def test_mnist_from_idx_files_without_tfds(tmp_path):
+  from experiments import prepare_mnist
+
+  rng = np.random.default_rng(0)
+  images = {
+    "train": rng.integers(0, 256, (5, 28, 28), np.uint8),
+    "test": rng.integers(0, 256, (3, 28, 28), np.uint8),
+  }
+  for split, stem in mnist.IDX_FILES.items():
+    header = np.array([2051, len(images[split]), 28, 28], ">u4").tobytes()
+    (tmp_path / f"{stem}.gz").write_bytes(gzip.compress(header + images[split].tobytes()))
+  folder = prepare_mnist.main(["--idx_dir", str(tmp_path), "--out", str(tmp_path / "out")])
+  splits, meta = prepared.load(folder)
+  assert meta.record_length == 785
+  np.testing.assert_array_equal(mnist.tokens_to_images(splits["train"]), images["train"])
+  np.testing.assert_array_equal(mnist.tokens_to_images(splits["val"]), images["test"])
+  with pytest.raises(SystemExit) as exit_info:
+    prepare_mnist.main(["--idx_dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out2")])
+  assert "t10k-images-idx3-ubyte.gz" in str(exit_info.value.code) or "train-images" in str(
+    exit_info.value.code
+  )

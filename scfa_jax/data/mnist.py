@@ -9,14 +9,17 @@ followed by its 784 pixels in raster order, each pixel its own 8-bit intensity
 as the prepared data's eot_token, so the training program's sampler starts an image.
 
 Data comes from TensorFlow Datasets (`tfds.data_source("mnist")`, array-record
-access, no TensorFlow needed): the "train" split (60,000) becomes train.bin, the
-"test" split (10,000) val.bin, the split image-generation results are reported on.
-tensorflow-datasets is imported only inside `load_tfds`: training, sampling and the
-grid need only the prepared arrays.
+access): the "train" split (60,000) becomes train.bin, the "test" split (10,000)
+val.bin, the split image-generation results are reported on. Reading needs no
+TensorFlow, but tfds's first-time build of MNIST does (its builder reads the download
+with tf.io.gfile); `load_idx` reads the same images from the original IDX files
+instead. tensorflow-datasets is imported only inside `load_tfds`: training, sampling
+and the grid need only the prepared arrays.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -31,6 +34,8 @@ VOCAB_SIZE = 257
 RECORD_LENGTH = PIXELS + 1
 DEFAULT_FOLDER = Path("runs") / "data" / "mnist"
 SPLITS = {"train": "train", "val": "test"}  # prepared split -> tfds split
+IDX_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"  # where tfds downloads from
+IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 
 
 def load_tfds(split: str, *, data_dir: str | os.PathLike | None = None, download: bool = True) -> np.ndarray:
@@ -39,8 +44,8 @@ def load_tfds(split: str, *, data_dir: str | os.PathLike | None = None, download
     import tensorflow_datasets as tfds  # noqa: PLC0415
   except ImportError:
     raise ImportError(
-      "MNIST preparation needs tensorflow-datasets (pip install tensorflow-datasets array_record; "
-      "TensorFlow itself is not needed). Prepare on any machine that has it and copy the prepared "
+      "MNIST preparation through tfds needs tensorflow-datasets (pip install tensorflow-datasets); "
+      "or pass --idx_dir with the original IDX files, or prepare elsewhere and copy the prepared "
       "folder (train.bin, val.bin, meta.json) to the training machine."
     ) from None
   try:
@@ -48,10 +53,11 @@ def load_tfds(split: str, *, data_dir: str | os.PathLike | None = None, download
   except Exception as error:  # noqa: BLE001  (download, preparation and format errors alike)
     raise RuntimeError(
       f"tfds.data_source('mnist', split={split!r}, data_dir={data_dir!r}) failed: "
-      f"{type(error).__name__}: {error}. It downloads MNIST (11 MB) on first use into data_dir "
-      "(default ~/tensorflow_datasets) in array_record format. Offline: run "
-      "'tfds build mnist --file_format=array_record --data_dir DIR' on a connected machine, copy DIR "
-      "here and pass --tfds_data_dir DIR"
+      f"{type(error).__name__}: {error}. On first use tfds downloads MNIST (11 MB) and builds it "
+      "in array_record format under data_dir (default ~/tensorflow_datasets); building, unlike "
+      "reading, needs TensorFlow and importlib_resources (pip install tensorflow importlib_resources). "
+      "Or skip tfds: download the IDX files train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz "
+      f"from {IDX_URL} into one folder and pass --idx_dir FOLDER"
     ) from None
   from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -59,6 +65,25 @@ def load_tfds(split: str, *, data_dir: str | os.PathLike | None = None, download
     np.asarray(source[i]["image"]) for i in tqdm(range(len(source)), desc=f"mnist {split}", unit="image")
   ]
   return np.stack(images).reshape(len(images), SIDE, SIDE).astype(np.uint8)
+
+
+def load_idx(folder: str | os.PathLike, split: str) -> np.ndarray:
+  """uint8 images [N, 28, 28] from the original IDX file of a split ("train" or "test"), .gz or not.
+
+  The images tfds serves (it downloads these files), without tfds or TensorFlow.
+  """
+  stem = IDX_FILES.get(split)
+  if stem is None:
+    raise ValueError(f"split must be one of {sorted(IDX_FILES)}, got {split=}")
+  folder = Path(folder)
+  path = next((p for p in (folder / f"{stem}.gz", folder / stem) if p.is_file()), None)
+  if path is None:
+    raise FileNotFoundError(f"{folder} lacks {stem}.gz: download {IDX_URL}{stem}.gz into it")
+  data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+  magic, count, rows, cols = (int(x) for x in np.frombuffer(data[:16], ">u4"))
+  if magic != 2051 or (rows, cols) != (SIDE, SIDE) or len(data) != 16 + count * PIXELS:
+    raise ValueError(f"{path} is not an IDX file of 28x28 images (magic {magic}, {count}x{rows}x{cols})")
+  return np.frombuffer(data, np.uint8, offset=16).reshape(count, SIDE, SIDE)
 
 
 def images_to_tokens(images: np.ndarray) -> np.ndarray:
@@ -77,8 +102,12 @@ def prepare(
   *,
   data_dir: str | os.PathLike | None = None,
   download: bool = True,
+  idx_dir: str | os.PathLike | None = None,
 ) -> Path:
-  """Writes the prepared folder from tfds MNIST (skipped when already prepared); returns it."""
+  """Writes the prepared folder (skipped when already prepared); returns it.
+
+  Images come from tfds (data_dir, download), or from the IDX files in idx_dir when given.
+  """
   folder = Path(folder)
   if prepared.is_prepared(folder):
     return folder
@@ -89,13 +118,15 @@ def prepare(
     unit="pixel",
     eot_token=BOS,
     record_length=RECORD_LENGTH,
-    description="tfds mnist; per image: start token 256 + 784 pixels (raster order, intensities 0-255); "
+    description=f"{'tfds mnist' if idx_dir is None else 'mnist IDX files'}; per image: start token 256 + 784 pixels (raster order, intensities 0-255); "
     "train = tfds train (60k), val = tfds test (10k); train with block_size=784",
   )
-  for split, tfds_split in SPLITS.items():
-    prepared.write_split(
-      folder, split, images_to_tokens(load_tfds(tfds_split, data_dir=data_dir, download=download)), meta
-    )
+  for split, source_split in SPLITS.items():
+    if idx_dir is None:
+      images = load_tfds(source_split, data_dir=data_dir, download=download)
+    else:
+      images = load_idx(idx_dir, source_split)
+    prepared.write_split(folder, split, images_to_tokens(images), meta)
   prepared.write_meta(folder, meta)
   return folder
 
