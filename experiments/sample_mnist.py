@@ -4,6 +4,9 @@
     python experiments/sample_mnist.py --config=mnist_hash8 --num=64 --out_dir=runs/other
 
 Restores the run's last checkpoint; `--key=value` overrides work as in train_lm.py.
+Or draw the image(s) that train_lm.py left in a run's samples.txt, without a model:
+
+    python experiments/sample_mnist.py --samples_txt=runs/mnist_hash8/samples.txt
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def main(argv: list[str]) -> Path:
       seed = int(value)
     elif key == "png":
       path = value
+    elif key == "samples_txt":
+      return _from_text(Path(value), path)
     else:
       overrides.append(arg)
   if name is None:
@@ -40,6 +45,17 @@ def main(argv: list[str]) -> Path:
   from scfa_jax.data import mnist  # noqa: PLC0415
 
   out = mnist.sample_grid_from_run(config, path, num=num, seed=seed)
+  print(f"samples: {out}")
+  return out
+
+
+def _from_text(samples: Path, path: str | None) -> Path:
+  import numpy as np
+
+  from scfa_jax.data import mnist
+
+  tokens = np.array(samples.read_text().split(), dtype=np.int64)
+  out = mnist.save_grid(tokens, samples.with_suffix(".png") if path is None else path)
   print(f"samples: {out}")
   return out
 
