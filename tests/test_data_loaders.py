@@ -340,3 +340,12 @@ def test_mnist_from_idx_files_without_tfds(tmp_path):
   assert "t10k-images-idx3-ubyte.gz" in str(exit_info.value.code) or "train-images" in str(
     exit_info.value.code
   )
+
+
+def test_mnist_samples_txt_to_png(tmp_path):
+  from experiments import sample_mnist
+
+  tokens = np.concatenate([[256], np.arange(784) % 256])  # what train_lm.py writes: start token + one image
+  (tmp_path / "samples.txt").write_text(" ".join(map(str, tokens)))
+  out = sample_mnist.main([f"--samples_txt={tmp_path / 'samples.txt'}"])
+  assert out == tmp_path / "samples.png" and out.read_bytes()[:4] == b"\x89PNG"
