@@ -12,14 +12,15 @@ from 1e-3 to 0.2 x 1e-3.
     mnist_dense, mnist_hash8    pixel-level MNIST, one image (784 pixels) per sequence
 
 Sequences per step: 64 at T=8192 (2^19 tokens), 30 at T=16384. The paper's text says
-96 sequences (4 GPUs x 8 x 2 accumulation) at 8192, but its released training script
-gives 64, and the released script is what produced the reported curves and what a
-reproduction can check against, so 64 it is (override with --batch_size=96 --grad_accum=24).
+96 sequences at 8192 but factors it as 4 GPUs x 8 x 2 accumulation steps, which is 64,
+and its released training script gives 64: the product and the script agree, so 64
+(the text's 96 can be had with --batch_size=96 --grad_accum=24).
 
 Gradient accumulation makes the step the same on any number of GPUs: batch_size is
 per optimizer step over all devices, and each micro-batch (batch_size / grad_accum
 sequences) is split over the GPUs. The defaults are for ONE GPU (micro-batch 4 at 8192,
-2 at 16384, the sizes that fit an 80 GB H100); on G GPUs divide grad_accum by G:
+2 at 16384, the sizes of the H100 speed measurements in docs/DESIGN.md; --remat=true if
+memory runs short); on G GPUs divide grad_accum by G:
     T=8192:  --grad_accum=16 (1 GPU), 8 (2), 4 (4), 2 (8)
     T=16384: --grad_accum=15 (1 GPU), 15 (2), 5 (3 or 6); 30 sequences do not split over
              4 or 8 GPUs: there use --batch_size=32 --grad_accum=8 (4) or 4 (8).
