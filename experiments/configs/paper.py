@@ -19,7 +19,7 @@ and its released training script gives 64: the product and the script agree, so 
 Gradient accumulation makes the step the same on any number of GPUs: batch_size is
 per optimizer step over all devices, and each micro-batch (batch_size / grad_accum
 sequences) is split over the GPUs. The defaults are for ONE GPU (micro-batch 4 at 8192,
-2 at 16384, the sizes of the H100 speed measurements in docs/DESIGN.md; --remat=true if
+2 at 16384, the sizes of the design's H100 speed measurements; --remat=true if
 memory runs short); on G GPUs divide grad_accum by G:
     T=8192:  --grad_accum=16 (1 GPU), 8 (2), 4 (4), 2 (8)
     T=16384: --grad_accum=15 (1 GPU), 15 (2), 5 (3 or 6); 30 sequences do not split over
