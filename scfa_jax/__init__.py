@@ -2,8 +2,13 @@
 
 from scfa_jax.api import hash_sparse_attention, qk_sparse_attention, sparse_causal_attention
 from scfa_jax.lsh import lsh_buckets, random_rotations
+from scfa_jax.model import GPT, GPTConfig
+from scfa_jax.nn import SparseCausalSelfAttention
 
 __all__ = [
+    "GPT",
+    "GPTConfig",
+    "SparseCausalSelfAttention",
     "hash_sparse_attention",
     "lsh_buckets",
     "qk_sparse_attention",
