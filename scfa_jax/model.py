@@ -59,7 +59,8 @@ PRESETS: dict[str, GPTConfig] = {
     # GPT-2 vocabulary; 122.8M parameters with 8192 positions.
     "gpt122m": GPTConfig(vocab_size=50304, block_size=8192, n_layer=12, n_head=12, n_embd=768),
     # Byte-level models that train on a CPU in minutes.
-    "cpu_small": GPTConfig(vocab_size=257, block_size=256, n_layer=4, n_head=4, n_embd=256),
+    "cpu_small": GPTConfig(vocab_size=257, block_size=256, n_layer=4, n_head=2, n_embd=128),
+    "cpu_medium": GPTConfig(vocab_size=257, block_size=256, n_layer=4, n_head=4, n_embd=256),
     "cpu_tiny": GPTConfig(vocab_size=257, block_size=64, n_layer=2, n_head=2, n_embd=64),
 }
 

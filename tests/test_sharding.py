@@ -25,7 +25,7 @@ from scfa_jax import train
 from scfa_jax.model import GPTConfig
 
 def config(attention, **kw):
-  model = GPTConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=32, num_buckets=4,
+  model = GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32, num_buckets=4,
                     drop_rate=0.3, attention=attention, compute_dtype="float32", implementation="xla")
   return train.TrainConfig(model=model, batch_size=16, grad_accum=2, lr=3e-3, steps=10, seed=3, **kw)
 
@@ -54,7 +54,7 @@ def test_sharded_step_equals_unsharded_on_8_virtual_devices():
   script = """
   assert len(jax.devices()) == 8
   results = {}
-  for attention in ("hash", "qk_drop", "dense"):
+  for attention in ("hash", "qk_drop"):
     per_mesh = []
     for devices in (jax.devices()[:1], jax.devices()):
       trainer = train.Trainer.create(config(attention), mesh=train.make_mesh(devices))
