@@ -20,17 +20,16 @@ K_PAD = tl.constexpr(2**30)
 
 
 @triton.jit
-def _allowed(q_idx, k_idx, q_hash, k_hash, HASHED: tl.constexpr, STRICT: tl.constexpr):
-  """bool [BLOCK_M, BLOCK_N]: the SCFA rule for one tile (queries along rows)."""
-  qi = q_idx[:, None]
-  kj = k_idx[None, :]
+def _allowed(qi, kj, qh, kh, HASHED: tl.constexpr, STRICT: tl.constexpr):
+  """The SCFA rule on broadcast views: qi, qh as [M, 1] and kj, kh as [1, N] give a
+  query-major tile, the transposed views a key-major one."""
   if STRICT:
     ok = qi > kj
   else:
     ok = qi >= kj
   ok = ok & (qi >= 0) & (kj < K_PAD)
   if HASHED:
-    ok = ok & (q_hash[:, None] == k_hash[None, :])
+    ok = ok & (qh == kh)
   return ok
 
 
@@ -60,7 +59,8 @@ def _fwd_tiles(
       k_hash = k_idx
       if HASHED:
         k_hash = tl.load(k_hash_ptr + bh * S + slot, mask=in_bounds, other=0)
-      s = tl.where(_allowed(q_idx, k_idx, q_hash, k_hash, HASHED, STRICT), s, float("-inf"))
+      allowed = _allowed(q_idx[:, None], k_idx[None, :], q_hash[:, None], k_hash[None, :], HASHED, STRICT)
+      s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
     alpha = tl.math.exp2(m_i - m_safe)
@@ -132,7 +132,7 @@ def _probabilities(
   s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
   p = tl.math.exp2(s - lse[:, None])
   if MASKED:
-    p = tl.where(_allowed(q_idx, k_idx, q_hash, k_hash, HASHED, STRICT), p, 0.0)
+    p = tl.where(_allowed(q_idx[:, None], k_idx[None, :], q_hash[:, None], k_hash[None, :], HASHED, STRICT), p, 0.0)
   return p
 
 
@@ -154,11 +154,16 @@ def _dkdv_tiles(
     q_hash = q_idx
     if HASHED:
       q_hash = tl.load(q_hash_ptr + bh * T + slot, mask=in_bounds, other=0)
-    p = _probabilities(q, k, q_idx, k_idx, q_hash, k_hash, lse, QK_SCALE, HASHED, STRICT, MASKED, PRECISION)
-    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    # Key-major like Triton's tutorial: only loaded tiles get transposed, never computed ones.
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * QK_SCALE  # [BLOCK_N, BLOCK_M]
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if MASKED:
+      allowed = _allowed(q_idx[None, :], k_idx[:, None], q_hash[None, :], k_hash[:, None], HASHED, STRICT)
+      p_t = tl.where(allowed, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
   return dk, dv
 
 

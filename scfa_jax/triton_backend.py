@@ -43,19 +43,15 @@ class KernelConfig:
   bwd_num_stages: int = 2
 
 
-# H100 (sm_90). Forward after Triton's fused-attention tutorial; the backward keeps the
-# resident tile large (keys for dK/dV, queries for dQ) and the streamed tile small.
+# H100 (sm_90). Tile shapes after Triton's fused-attention tutorial: the backward keeps
+# the resident tile large (keys for dK/dV, queries for dQ) and streams small ones.
 _GPU_CONFIGS = {
-    16: KernelConfig(block_m=128, block_n=64, block_m1=64, block_n1=128, block_m2=128, block_n2=64),
-    32: KernelConfig(block_m=128, block_n=64, block_m1=64, block_n1=128, block_m2=128, block_n2=64),
-    64: KernelConfig(
-        block_m=128, block_n=64, block_m1=64, block_n1=128, block_m2=128, block_n2=64,
-        num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2,
-    ),
-    128: KernelConfig(
+    h: KernelConfig(
         block_m=128, block_n=64, block_m1=32, block_n1=128, block_m2=128, block_n2=32,
-        num_warps=8, num_stages=3, bwd_num_warps=8, bwd_num_stages=2,
-    ),
+        num_warps=8 if h == 128 else 4, num_stages=3,
+        bwd_num_warps=8 if h == 128 else 4, bwd_num_stages=3 if h == 128 else 5,
+    )
+    for h in HEAD_DIMS
 }  # fmt: skip
 # The interpreter runs every program in numpy: small tiles keep tests fast and still
 # give several tiles per head at test lengths.

@@ -1,0 +1,141 @@
+"""SCFA runtime against cuDNN dense causal attention (DESIGN.md section 5).
+
+Times the whole public function (sort, plan, kernels), jitted, forward, backward and
+forward+backward, with masks and buckets passed as arguments (as constants XLA would
+constant-fold the sort), side by side with
+`jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)` in one process.
+Medians over many runs via triton.testing.do_bench (CUDA events).
+
+  python experiments/bench_attention.py --seq_lens=4096,16384 --cases=all,hash16,drop70 \
+      --out=experiments/results/bench_attention_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from importlib import metadata
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import scfa_jax
+
+CASES = {
+    "all": ("qk", 0.0),
+    **{f"hash{nb}": ("hash", nb) for nb in (2, 4, 8, 16, 32, 64)},
+    **{f"drop{int(r * 100)}": ("qk", r) for r in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)},
+}
+
+
+def versions() -> dict:
+  out = {"python": platform.python_version(), "device": str(jax.devices()[0].device_kind)}
+  for name in ("jax", "jaxlib", "triton", "jax-triton", "jax-cuda13-plugin"):
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = None
+  try:
+    out["driver"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout.strip()
+  except OSError:
+    out["driver"] = None
+  return out
+
+
+def bench(fn, *args) -> float:
+  """Median milliseconds of fn(*args), blocking on the whole output pytree."""
+  import triton.testing  # noqa: PLC0415
+
+  jax.block_until_ready(fn(*args))
+  return float(triton.testing.do_bench(lambda: jax.block_until_ready(fn(*args)), warmup=50, rep=300, return_mode="median"))
+
+
+def make_case(name, b, t, n, seed):
+  mode, param = CASES[name]
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  if mode == "hash":
+    q_masks = jax.random.randint(k1, (b, t, n), 0, param)
+    k_masks = jax.random.randint(k2, (b, t, n), 0, param)
+    fn = lambda q, k, v, qm, km: scfa_jax.hash_sparse_attention(q, k, v, q_buckets=qm, k_buckets=km)
+    density = 1.0 / param
+  else:
+    q_masks = jax.random.bernoulli(k1, 1.0 - param, (b, t, n))
+    k_masks = jax.random.bernoulli(k2, 1.0 - param, (b, t, n))
+    fn = lambda q, k, v, qm, km: scfa_jax.qk_sparse_attention(q, k, v, q_keep=qm, k_keep=km)
+    density = (1.0 - param) ** 2
+  return fn, q_masks, k_masks, density
+
+
+def timings(attention, q, k, v, *extra) -> dict:
+  fwd = jax.jit(attention)
+  out = fwd(q, k, v, *extra)
+  do = jax.random.normal(jax.random.PRNGKey(7), out.shape, out.dtype)
+
+  def fwd_bwd_fn(q, k, v, do, *extra):
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, *extra), q, k, v)
+    return out, vjp(do)
+
+  fwd_bwd = jax.jit(fwd_bwd_fn)
+  # Backward alone: the vjp closure of a saved forward (residuals computed once, outside the timing).
+  _, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, *extra), q, k, v)
+  bwd = jax.jit(lambda vjp, do: vjp(do))
+  return {
+      "fwd_ms": bench(fwd, q, k, v, *extra),
+      "bwd_ms": bench(bwd, vjp, do),
+      "fwd_bwd_ms": bench(fwd_bwd, q, k, v, do, *extra),
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--heads", type=int, default=48)
+  parser.add_argument("--head_dim", type=int, default=64)
+  parser.add_argument("--seq_lens", default="512,1024,2048,4096,8192,16384,32768,4000")
+  parser.add_argument("--cases", default=",".join(CASES))
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+
+  b, n, h = args.batch, args.heads, args.head_dim
+  dtype = jnp.dtype(args.dtype)
+  info = versions()
+  print(json.dumps(info))
+  rows = []
+  for t in (int(x) for x in args.seq_lens.split(",")):
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (b, t, n, h), dtype) for i in range(3))
+    dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    start = time.perf_counter()
+    base = timings(dense, q, k, v)
+    causal_flops = 4 * b * n * h * t * (t + 1) / 2  # two matmuls of the causal half, 2 flops per MAC
+    print(f"T={t:6d} cudnn      fwd {base['fwd_ms']:8.3f}  bwd {base['bwd_ms']:8.3f}  fwd+bwd {base['fwd_bwd_ms']:8.3f} ms")
+    for name in args.cases.split(","):
+      fn, qm, km, density = make_case(name, b, t, n, seed=t)
+      ours = timings(fn, q, k, v, qm, km)
+      row = dict(T=t, case=name, density=density, **ours, **{f"cudnn_{key}": val for key, val in base.items()})
+      for key in ("fwd", "bwd", "fwd_bwd"):
+        row[f"speedup_{key}"] = base[f"{key}_ms"] / ours[f"{key}_ms"]
+      # Useful work: the causal pairs that survive the sparsity, forward 2 matmuls + backward 5.
+      row["useful_tflops_fwd_bwd"] = causal_flops * density * 3.5 / (ours["fwd_bwd_ms"] * 1e-3) / 1e12
+      rows.append(row)
+      print(
+          f"T={t:6d} {name:10s} fwd {ours['fwd_ms']:8.3f}  bwd {ours['bwd_ms']:8.3f}  fwd+bwd {ours['fwd_bwd_ms']:8.3f} ms"
+          f"   speedup fwd {row['speedup_fwd']:5.2f}  bwd {row['speedup_bwd']:5.2f}  fwd+bwd {row['speedup_fwd_bwd']:5.2f}"
+          f"   useful {row['useful_tflops_fwd_bwd']:6.1f} TFLOP/s",
+          flush=True,
+      )
+    print(f"  (T={t} took {time.perf_counter() - start:.0f} s)", flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(versions=info, batch=b, heads=n, head_dim=h, dtype=args.dtype, rows=rows), f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,127 @@
+"""The Triton kernels in Triton's CPU interpreter (implementation="interpret") against the
+reference: the whole custom_vjp path, forward and backward, on small shapes with
+several 16-wide tiles, odd lengths and T != S. float32 and float16 only: the interpreter
+computes bfloat16 dots wrongly. The same kernels run on GPUs in test_kernels_gpu.py."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import scfa_jax
+from scfa_jax import reference
+from tests.test_attention_xla import _buckets, _check_against, _qkv
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's interpreter is off (a GPU machine)"
+)
+IMPL = "interpret"
+H = 16
+
+
+@pytest.mark.parametrize("t, s", [(1, 1), (37, 37), (129, 129), (100, 61), (61, 100)])
+@pytest.mark.parametrize("strict", [False, True])
+def test_hash(t, s, strict):
+  key = jax.random.PRNGKey(t + 3 * s + strict)
+  b, n = 2, 2
+  q, k, v = _qkv(key, b, t, s, n, H)
+  kw = dict(
+      q_buckets=_buckets(jax.random.fold_in(key, 1), (b, t, n), 3),
+      k_buckets=_buckets(jax.random.fold_in(key, 2), (b, s, n), 3),
+      strict=strict,
+  )
+  _check_against(
+      functools.partial(scfa_jax.hash_sparse_attention, **kw, implementation=IMPL),
+      functools.partial(reference.hash_sparse_attention, **kw),
+      (q, k, v), jnp.float32, key,
+  )  # fmt: skip
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3, 0.9, 1.0])
+def test_qk_drop(drop_rate):
+  key = jax.random.PRNGKey(int(drop_rate * 10))
+  b, t, s, n = 2, 77, 90, 2
+  q, k, v = _qkv(key, b, t, s, n, H)
+  kw = dict(
+      q_keep=jax.random.bernoulli(jax.random.fold_in(key, 1), 1 - drop_rate, (b, t, n)),
+      k_keep=jax.random.bernoulli(jax.random.fold_in(key, 2), 1 - drop_rate, (b, s, n)),
+  )
+  _check_against(
+      functools.partial(scfa_jax.qk_sparse_attention, **kw, implementation=IMPL),
+      functools.partial(reference.qk_sparse_attention, **kw),
+      (q, k, v), jnp.float32, key,
+  )  # fmt: skip
+
+
+def test_float16_skewed_buckets_and_a_dropped_head():
+  key = jax.random.PRNGKey(5)
+  b, t, n = 1, 150, 3
+  q, k, v = _qkv(key, b, t, t, n, 32, jnp.float16)
+  buckets = _buckets(jax.random.fold_in(key, 1), (b, t, n), 6, skew=0.9)
+  kw = dict(q_buckets=buckets, k_buckets=buckets, strict=True)
+  _check_against(
+      functools.partial(scfa_jax.hash_sparse_attention, **kw, implementation=IMPL),
+      functools.partial(reference.hash_sparse_attention, **kw),
+      (q, k, v), jnp.float16, key,
+  )  # fmt: skip
+  keep = jax.random.bernoulli(key, 0.6, (b, t, n)).at[:, :, 1].set(False)
+  out = scfa_jax.qk_sparse_attention(q, k, v, q_keep=keep, k_keep=keep, implementation=IMPL)
+  assert bool(jnp.all(out[:, :, 1] == 0))
+  np.testing.assert_allclose(
+      np.asarray(out, np.float32),
+      np.asarray(reference.qk_sparse_attention(q, k, v, q_keep=keep, k_keep=keep), np.float32),
+      atol=2e-3, rtol=2e-3,
+  )  # fmt: skip
+
+
+def test_any_order_with_padding():
+  key = jax.random.PRNGKey(6)
+  b, t, s, n = 1, 70, 50, 2
+  q, k, v = _qkv(key, b, t, s, n, H)
+  q_idx = jnp.where(jax.random.bernoulli(key, 0.2, (b, t, n)), -1, jax.random.randint(key, (b, t, n), 0, 80))
+  k_idx = jnp.where(
+      jax.random.bernoulli(jax.random.fold_in(key, 1), 0.2, (b, s, n)), 2**30, jax.random.randint(key, (b, s, n), 0, 80)
+  )
+  kw = dict(q_idx=q_idx, k_idx=k_idx, q_hash=q_idx % 2, k_hash=k_idx % 2)
+  _check_against(
+      functools.partial(scfa_jax.sparse_causal_attention, **kw, implementation=IMPL),
+      functools.partial(reference.sparse_causal_attention, **kw),
+      (q, k, v), jnp.float32, key,
+  )  # fmt: skip
+
+
+def test_empty_rows_zero_finite_grads_and_bitwise_determinism():
+  key = jax.random.PRNGKey(7)
+  b, t, n = 1, 64, 2
+  q, k, v = _qkv(key, b, t, t, n, H)
+  buckets = jax.random.randint(key, (b, t, n), 0, 4)
+  attend = lambda q, k, v: scfa_jax.hash_sparse_attention(
+      q, k, v, q_buckets=buckets, k_buckets=buckets, strict=True, implementation=IMPL
+  )
+  loss = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v) ** 2), argnums=(0, 1, 2)))
+  first, second = loss(q, k, v), loss(q, k, v)
+  for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert bool(jnp.all(jnp.isfinite(x)))
+  out = attend(q, k, v)
+  no_key = ~np.asarray(jnp.any(reference.allowed_mask(
+      jnp.broadcast_to(jnp.arange(t)[None, :, None], (b, t, n)), jnp.broadcast_to(jnp.arange(t)[None, :, None], (b, t, n)),
+      buckets, buckets, strict=True), axis=-1)).swapaxes(1, 2)  # fmt: skip
+  assert no_key.sum() >= 2
+  assert np.all(np.asarray(out)[no_key] == 0.0)
+  assert np.all(np.asarray(first[1][0])[no_key] == 0.0)
+
+
+def test_interpret_rejects_bfloat16_and_odd_head_dims():
+  q = jnp.zeros((1, 8, 1, 16), jnp.bfloat16)
+  keep = jnp.ones((1, 8, 1), bool)
+  with pytest.raises(ValueError, match="float32 or float16"):
+    scfa_jax.qk_sparse_attention(q, q, q, q_keep=keep, k_keep=keep, implementation=IMPL)
+  q = jnp.zeros((1, 8, 1, 24), jnp.float32)
+  with pytest.raises(ValueError, match=r"head dims H in \(16, 32, 64, 128\)"):
+    scfa_jax.qk_sparse_attention(q, q, q, q_keep=keep, k_keep=keep, implementation=IMPL)
