@@ -412,7 +412,12 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
     say(f"step {step:6d} | val loss {loss:.4f} | val ppl {record['val_perplexity']:.2f} | {bits_name} {record[f'val_{bits_name}']:.3f}")
     return record
 
-  last_eval = evaluate(0) if start == 0 else None
+  if start == 0:
+    last_eval = evaluate(0)
+  else:
+    last_eval = next((r for r in reversed(MetricsLog.read(log.path)) if r["kind"] == "eval"), None)
+    if start >= config.steps:
+      say(f"{out} already holds a finished run ({start} steps); delete it or pass another --out_dir to train again")
   end = config.steps if stop_after is None else min(config.steps, stop_after)
   bar = tqdm(total=config.steps, initial=start, disable=not (progress and lead), unit="step", dynamic_ncols=True)
   pending, t_last, tokens_since, t0 = [], time.perf_counter(), 0, time.perf_counter()

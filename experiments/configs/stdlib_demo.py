@@ -5,23 +5,25 @@ from scfa_jax.train import TrainConfig
 
 CONFIGS = {
     # 0.79M parameters (4 layers, 2 heads of 64), T=256, 8 buckets per head,
-    # 500 steps of 16 x 256 bytes (2M tokens).
+    # 1000 steps of 8 x 256 bytes (2M tokens); many small steps learn fastest here.
     "stdlib_demo": TrainConfig(
         model=preset("cpu_small", attention="hash", num_buckets=8),
-        batch_size=16,
-        steps=500,
+        batch_size=8,
+        steps=1000,
+        lr=2e-3,
         eval_every=100,
-        eval_batches=8,
+        eval_batches=16,
         log_every=10,
-        checkpoint_every=50,
+        checkpoint_every=100,
         out_dir="runs/stdlib_demo",
     ),
     # The same model with dense causal attention, for comparison.
     "stdlib_demo_dense": TrainConfig(
         model=preset("cpu_small", attention="dense"),
-        batch_size=16,
-        steps=500,
-        checkpoint_every=50,
+        batch_size=8,
+        steps=1000,
+        lr=2e-3,
+        checkpoint_every=100,
         out_dir="runs/stdlib_demo_dense",
     ),
 }
