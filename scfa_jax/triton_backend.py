@@ -9,12 +9,13 @@ on machines without a GPU). This is the only module that imports jax_triton, laz
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import math
 import os
-import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,41 @@ def _kernels():
   return attention
 
 
+_INTERPRETER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _interpreting():
+  """Runs @triton.jit functions in Triton's CPU interpreter for the duration of the block.
+
+  Triton picks the interpreter when it decorates a function, if TRITON_INTERPRET=1 was set
+  before the import; that makes it a process-wide mode. Instead, the launcher wraps the
+  kernel in an InterpretedFunction and, while it runs, lets every @triton.jit it calls
+  (our helpers and triton.language's own, like tl.zeros) do the same. The compiler never
+  uses JITFunction.__call__, so "triton" and "interpret" coexist in one process. The
+  interpreter keeps global state: one launch at a time.
+  """
+  from triton.runtime import interpreter, jit  # noqa: PLC0415
+
+  def call(self, *args, **kwargs):
+    return _interpreted(self.fn)(*args, **kwargs)
+
+  with _INTERPRETER_LOCK:
+    original = jit.JITFunction.__call__
+    jit.JITFunction.__call__ = call
+    try:
+      yield interpreter.InterpretedFunction
+    finally:
+      jit.JITFunction.__call__ = original
+
+
+@functools.cache
+def _interpreted(fn):
+  from triton.runtime import interpreter  # noqa: PLC0415
+
+  return interpreter.InterpretedFunction(fn)
+
+
 @functools.cache
 def _jax_triton():
   import jax_triton  # noqa: PLC0415
@@ -98,15 +134,11 @@ def check_supported(implementation: str, q: jax.Array) -> None:
           "implementation='interpret' takes float32 or float16 (Triton's interpreter computes "
           f"bfloat16 dots wrongly), got q.dtype={q.dtype}"
       )
-    if os.environ.get("TRITON_INTERPRET") != "1":
-      raise ValueError(
-          "implementation='interpret' needs the environment variable TRITON_INTERPRET=1 set before "
-          "triton is first imported (Triton's interpreter is a process-wide mode)"
-      )
     try:
       import torch  # noqa: F401, PLC0415  (the interpreter's tensors)
+      import triton  # noqa: F401, PLC0415
     except ImportError as e:
-      raise ValueError("implementation='interpret' needs torch (pip install 'scfa-jax[test]')") from e
+      raise ValueError(f"implementation='interpret' needs triton and torch (pip install 'scfa-jax[test]'): {e}") from e
     return
   if jax.default_backend() != "gpu":
     raise ValueError(f"implementation='triton' needs a CUDA GPU, but jax.default_backend()={jax.default_backend()!r}")
@@ -135,7 +167,8 @@ def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps
     tensors = [torch.from_numpy(np.array(a)) for a in arrays]
     # NaN-poisoned outputs: a row the kernel forgets to write fails every test.
     outputs = [torch.full(s.shape, float("nan"), dtype=getattr(torch, str(s.dtype))) for s in out_shapes]
-    kernel[grid](*tensors, *outputs, **meta)
+    with _interpreting():
+      _interpreted(kernel.fn)[grid](*tensors, *outputs, **meta)
     return tuple(o.numpy() for o in outputs)
 
   return jax.pure_callback(run_on_host, tuple(out_shapes), *inputs, vmap_method="sequential")

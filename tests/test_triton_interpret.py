@@ -6,7 +6,6 @@ computes bfloat16 dots wrongly. The same kernels run on GPUs in test_kernels_gpu
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +16,8 @@ import scfa_jax
 from scfa_jax import reference
 from tests.test_attention_xla import _buckets, _check_against, _qkv
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's interpreter is off (a GPU machine)"
-)
+pytest.importorskip("torch", reason="the interpreter's tensors")
+pytest.importorskip("triton")
 IMPL = "interpret"
 H = 16
 
