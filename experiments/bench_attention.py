@@ -8,6 +8,10 @@ Medians over many runs via triton.testing.do_bench (CUDA events).
 
   python experiments/bench_attention.py --seq_lens=4096,16384 --cases=all,hash16,drop70 \
       --out=experiments/results/bench_attention_h100.json
+  python experiments/bench_attention.py --plot=experiments/results/bench_attention_h100.json
+
+The JSON is rewritten after every row, so a run cut short keeps what it measured.
+--plot draws runtime vs T per case with the cuDNN line, and the fwd+bwd speedups.
 """
 
 from __future__ import annotations
@@ -101,7 +105,11 @@ def main() -> None:
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--out", default="")
+  parser.add_argument("--plot", default="", help="only draw the figure of this JSON result file")
   args = parser.parse_args()
+  if args.plot:
+    print("wrote", plot(args.plot))
+    return
 
   b, n, h = args.batch, args.heads, args.head_dim
   dtype = jnp.dtype(args.dtype)
@@ -124,6 +132,8 @@ def main() -> None:
       # Useful work: the causal pairs that survive the sparsity, forward 2 matmuls + backward 5.
       row["useful_tflops_fwd_bwd"] = causal_flops * density * 3.5 / (ours["fwd_bwd_ms"] * 1e-3) / 1e12
       rows.append(row)
+      if args.out:
+        write(args.out, dict(versions=info, batch=b, heads=n, head_dim=h, dtype=args.dtype, rows=rows))
       print(
           f"T={t:6d} {name:10s} fwd {ours['fwd_ms']:8.3f}  bwd {ours['bwd_ms']:8.3f}  fwd+bwd {ours['fwd_bwd_ms']:8.3f} ms"
           f"   speedup fwd {row['speedup_fwd']:5.2f}  bwd {row['speedup_bwd']:5.2f}  fwd+bwd {row['speedup_fwd_bwd']:5.2f}"
@@ -132,9 +142,51 @@ def main() -> None:
       )
     print(f"  (T={t} took {time.perf_counter() - start:.0f} s)", flush=True)
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(dict(versions=info, batch=b, heads=n, head_dim=h, dtype=args.dtype, rows=rows), f, indent=1)
     print("wrote", args.out)
+
+
+def write(path: str, result: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+def plot(path: str) -> str:
+  """Runtime vs T (log-log) per case with the cuDNN line, and fwd+bwd speedup per case; a PNG next to path."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  with open(path) as f:
+    result = json.load(f)
+  rows = sorted(result["rows"], key=lambda r: r["T"])
+  cases = list(dict.fromkeys(r["case"] for r in rows))
+  fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(13, 5))
+  cudnn = {r["T"]: r["cudnn_fwd_bwd_ms"] for r in rows}
+  ax_time.plot(list(cudnn), list(cudnn.values()), "k--", marker="s", label="cuDNN dense causal")
+  for case in cases:
+    mine = [r for r in rows if r["case"] == case]
+    ax_time.plot([r["T"] for r in mine], [r["fwd_bwd_ms"] for r in mine], marker="o", label=f"SCFA {case}")
+  ax_time.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="fwd+bwd ms (median)")
+  ax_time.set_title("Runtime, whole public function vs cuDNN")
+  ax_time.legend(fontsize=7)
+  lengths = sorted(cudnn)
+  width = 0.8 / max(len(lengths), 1)
+  for i, t in enumerate(lengths):
+    speed = {r["case"]: r["speedup_fwd_bwd"] for r in rows if r["T"] == t}
+    ax_speed.bar([c + (i - (len(lengths) - 1) / 2) * width for c in range(len(cases))],
+                 [speed.get(c, 0.0) for c in cases], width, label=f"T={t}")  # fmt: skip
+  ax_speed.axhline(1.0, color="k", lw=0.8)
+  ax_speed.set_xticks(range(len(cases)), cases, rotation=45)
+  ax_speed.set(yscale="log", ylabel="cuDNN ms / SCFA ms (fwd+bwd)")
+  ax_speed.set_title("Speedup over cuDNN")
+  ax_speed.legend(fontsize=7)
+  v = result["versions"]
+  fig.suptitle(f"{v['device']}, B={result['batch']} N={result['heads']} H={result['head_dim']} {result['dtype']}")
+  fig.tight_layout()
+  out = path.rsplit(".", 1)[0] + ".png"
+  fig.savefig(out, dpi=120)
+  return out
 
 
 if __name__ == "__main__":

@@ -34,11 +34,16 @@ def _allowed(qi, kj, qh, kh, HASHED: tl.constexpr, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _rows(ptr, perm_ptr, slot, in_bounds, b, n, L: tl.constexpr, N: tl.constexpr, H: tl.constexpr):
-  """Loads the [BLOCK, H] rows that sorted slots `slot` of head (b, n) read through perm."""
+def _row_offsets(perm_ptr, slot, in_bounds, b, n, L: tl.constexpr, N: tl.constexpr, H: tl.constexpr):
+  """Element offsets of the rows of head (b, n) that sorted slots `slot` read through perm."""
   row = tl.load(perm_ptr + slot, mask=in_bounds, other=0)
-  offset = ((b * L + row).to(tl.int64) * N + n) * H
-  return tl.load(ptr + offset[:, None] + tl.arange(0, H)[None, :], mask=in_bounds[:, None], other=0.0), offset
+  return ((b * L + row).to(tl.int64) * N + n) * H
+
+
+@triton.jit
+def _load_rows(ptr, offset, in_bounds, H: tl.constexpr):
+  """The [BLOCK, H] rows at `offset` (H contiguous elements each); 0 out of bounds."""
+  return tl.load(ptr + offset[:, None] + tl.arange(0, H)[None, :], mask=in_bounds[:, None], other=0.0)
 
 
 @triton.jit
@@ -51,8 +56,9 @@ def _fwd_tiles(
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = slot < S
-    k, _ = _rows(k_ptr, k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
-    v, _ = _rows(v_ptr, k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
+    k_offset = _row_offsets(k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
+    k = _load_rows(k_ptr, k_offset, in_bounds, H)
+    v = _load_rows(v_ptr, k_offset, in_bounds, H)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
     if MASKED:
       k_idx = tl.load(k_idx_ptr + bh * S + slot, mask=in_bounds, other=K_PAD)
@@ -87,7 +93,8 @@ def scfa_fwd(
   n = bh % N
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
   in_bounds = slot < T
-  q, q_offset = _rows(q_ptr, q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
+  q_offset = _row_offsets(q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
+  q = _load_rows(q_ptr, q_offset, in_bounds, H)
   q_idx = tl.load(q_idx_ptr + bh * T + slot, mask=in_bounds, other=-1)
   q_hash = q_idx
   if HASHED:
@@ -146,8 +153,9 @@ def _dkdv_tiles(
   for i in range(lo, hi):
     slot = i * BLOCK_M + tl.arange(0, BLOCK_M)
     in_bounds = slot < T
-    q, q_offset = _rows(q_ptr, q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
-    do, _ = _rows(do_ptr, q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
+    q_offset = _row_offsets(q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
+    q = _load_rows(q_ptr, q_offset, in_bounds, H)
+    do = _load_rows(do_ptr, q_offset, in_bounds, H)
     lse = tl.load(lse_ptr + bh * T + slot, mask=in_bounds, other=float("inf"))
     delta = tl.load(delta_ptr + q_offset // H, mask=in_bounds, other=0.0)
     q_idx = tl.load(q_idx_ptr + bh * T + slot, mask=in_bounds, other=-1)
@@ -186,8 +194,9 @@ def scfa_bwd_dkdv(
   n = bh % N
   slot = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   in_bounds = slot < S
-  k, k_offset = _rows(k_ptr, k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
-  v, _ = _rows(v_ptr, k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
+  k_offset = _row_offsets(k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
+  k = _load_rows(k_ptr, k_offset, in_bounds, H)
+  v = _load_rows(v_ptr, k_offset, in_bounds, H)
   k_idx = tl.load(k_idx_ptr + bh * S + slot, mask=in_bounds, other=K_PAD)
   k_hash = k_idx
   if HASHED:
@@ -229,8 +238,9 @@ def _dq_tiles(
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = slot < S
-    k, _ = _rows(k_ptr, k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
-    v, _ = _rows(v_ptr, k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
+    k_offset = _row_offsets(k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
+    k = _load_rows(k_ptr, k_offset, in_bounds, H)
+    v = _load_rows(v_ptr, k_offset, in_bounds, H)
     k_idx = tl.load(k_idx_ptr + bh * S + slot, mask=in_bounds, other=K_PAD)
     k_hash = k_idx
     if HASHED:
@@ -258,8 +268,9 @@ def scfa_bwd_dq(
   n = bh % N
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
   in_bounds = slot < T
-  q, q_offset = _rows(q_ptr, q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
-  do, _ = _rows(do_ptr, q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
+  q_offset = _row_offsets(q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
+  q = _load_rows(q_ptr, q_offset, in_bounds, H)
+  do = _load_rows(do_ptr, q_offset, in_bounds, H)
   lse = tl.load(lse_ptr + bh * T + slot, mask=in_bounds, other=float("inf"))
   delta = tl.load(delta_ptr + q_offset // H, mask=in_bounds, other=0.0)
   q_idx = tl.load(q_idx_ptr + bh * T + slot, mask=in_bounds, other=-1)
