@@ -53,7 +53,8 @@ def bench_case(length, batch, mode, *, steps, warmup, remat, preset_name="gpt122
   model = preset(preset_name, block_size=length, remat=remat, **MODES[mode])
   config = train.TrainConfig(model=model, batch_size=batch, steps=10_000, checkpoint_every=0)
   trainer = train.Trainer.create(config)
-  tokens = np.random.default_rng(0).integers(0, model.vocab_size, size=4 * batch * (length + 1) + 1, dtype=np.uint16)
+  size = 4 * batch * (length + 1) + 1
+  tokens = np.random.default_rng(0).integers(0, model.vocab_size, size=size, dtype=np.uint16)
   t0 = time.perf_counter()
   for _ in range(warmup):
     loss = trainer.train_step(tokens)
@@ -79,7 +80,7 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
   parser.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
   parser.add_argument("--preset", default="gpt122m", help="GPT preset (cpu_tiny for a smoke test)")
-  parser.add_argument("--out", default=None, help="JSON path (default experiments/results/bench_model_<platform>.json)")
+  parser.add_argument("--out", default=None, help="JSON path (default results/bench_model_<platform>.json)")
   args = parser.parse_args()
 
   info = versions()
@@ -104,7 +105,10 @@ def main() -> None:
     dense = next((r for r in rows if r["T"] == row["T"] and r["mode"] == "dense" and "error" not in r), None)
     ratio = f"{row['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "-"
     row["speedup_vs_dense"] = None if dense is None else row["tokens_per_s"] / dense["tokens_per_s"]
-    print(f"{row['T']:>6} {row['batch']:>3} {row['mode']:>7} {row['step_ms']:>9.1f} {row['tokens_per_s']:>10,.0f} {ratio:>9}")
+    print(
+        f"{row['T']:>6} {row['batch']:>3} {row['mode']:>7} {row['step_ms']:>9.1f} "
+        f"{row['tokens_per_s']:>10,.0f} {ratio:>9}"
+    )
 
   out = Path(args.out or Path(__file__).parent / "results" / f"bench_model_{jax.default_backend()}.json")
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,9 @@ class GPTConfig:
     if not 0.0 <= self.drop_rate < 1.0:
       raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got drop_rate={self.drop_rate}")
     if self.implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"GPTConfig.implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
+      raise ValueError(
+          f"GPTConfig.implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
+      )
     jnp.dtype(self.compute_dtype)  # raises TypeError on an unknown dtype name
 
 

@@ -117,7 +117,7 @@ class SparseCausalSelfAttention(nnx.Module):
     if width % num_heads:
       raise ValueError(f"num_heads must divide width, got {width=}, {num_heads=}")
     if mode == "hash" and (not isinstance(num_buckets, int) or num_buckets < 2 or num_buckets % 2):
-      raise ValueError(f"num_buckets must be an even int >= 2 (buckets come in +/- pairs), got {num_buckets=}")
+      raise ValueError(f"num_buckets must be an even int >= 2 (+/- pairs), got {num_buckets=}")
     if not 0.0 <= drop_rate < 1.0:
       raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate=}")
     if implementation not in IMPLEMENTATIONS:
@@ -162,9 +162,10 @@ class SparseCausalSelfAttention(nnx.Module):
 
   def _dense(self, q, k, v):
     impl = self.implementation if self.implementation in ("xla", "cudnn") else None
-    return batch_sharded(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl))(
-        q, k, v
+    attend = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, implementation=impl
     )
+    return batch_sharded(attend)(q, k, v)
 
   def _hash(self, q, k, v, key):
     rotations = lsh.random_rotations(key, self.num_heads, self.head_dim, self.num_buckets)

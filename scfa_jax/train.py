@@ -257,7 +257,8 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       for i, windows in enumerate(eval_set):
         batch = self._global(windows[rows], self.eval_sharding, windows.shape)
-        losses.append(self._eval_step(self.state["model"], batch, jax.random.fold_in(eval_key(self.config.seed), i)))
+        key = jax.random.fold_in(eval_key(self.config.seed), i)
+        losses.append(self._eval_step(self.state["model"], batch, key))
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -309,7 +310,9 @@ class MetricsLog:
   @staticmethod
   def read(path: str | Path) -> list[dict]:
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+      return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
   def write(self, record: dict) -> None:
     if self.enabled:
@@ -409,7 +412,10 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
     record = {"kind": "eval", "step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
     record[f"val_{bits_name}"] = prepared.bits(loss)
     log.write(record)
-    say(f"step {step:6d} | val loss {loss:.4f} | val ppl {record['val_perplexity']:.2f} | {bits_name} {record[f'val_{bits_name}']:.3f}")
+    say(
+        f"step {step:6d} | val loss {loss:.4f} | val ppl {record['val_perplexity']:.2f} | "
+        f"{bits_name} {record[f'val_{bits_name}']:.3f}"
+    )
     return record
 
   if start == 0:
@@ -417,9 +423,11 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
   else:
     last_eval = next((r for r in reversed(MetricsLog.read(log.path)) if r["kind"] == "eval"), None)
     if start >= config.steps:
-      say(f"{out} already holds a finished run ({start} steps); delete it or pass another --out_dir to train again")
+      say(f"{out} holds a finished run ({start} steps): delete it or pass another --out_dir to train again")
   end = config.steps if stop_after is None else min(config.steps, stop_after)
-  bar = tqdm(total=config.steps, initial=start, disable=not (progress and lead), unit="step", dynamic_ncols=True)
+  bar = tqdm(
+      total=config.steps, initial=start, disable=not (progress and lead), unit="step", dynamic_ncols=True
+  )
   pending, t_last, tokens_since, t0 = [], time.perf_counter(), 0, time.perf_counter()
   schedule = learning_rate(config)
   for step in range(start, end):
@@ -444,7 +452,8 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
   bar.close()
   if checkpoints:
     checkpoints.close()
-  summary = {**(last_eval or {}), "step": trainer.step, "out_dir": str(out), "metrics": str(out / "metrics.jsonl")}
+  summary = {**(last_eval or {}), "step": trainer.step, "out_dir": str(out)}
+  summary["metrics"] = str(out / "metrics.jsonl")
   summary.pop("kind", None)
   if lead and trainer.step == config.steps:
     summary["plot"] = str(plot_metrics(MetricsLog.read(log.path), out / "loss.png", bits_name))

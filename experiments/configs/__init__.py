@@ -45,7 +45,8 @@ def all_configs() -> dict[str, TrainConfig]:
       if name in found:
         raise ValueError(f"config {name!r} is defined twice (again in {module.__name__})")
       if not isinstance(config, TrainConfig):
-        raise TypeError(f"{module.__name__}.CONFIGS[{name!r}] must be a TrainConfig, got {type(config).__name__}")
+        kind = type(config).__name__
+        raise TypeError(f"{module.__name__}.CONFIGS[{name!r}] is a {kind}, not a TrainConfig")
       found[name] = config
   return found
 
@@ -58,7 +59,8 @@ def get(name: str) -> TrainConfig:
 
 
 def _parse(text: str, annotation, field: str):
-  options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, type(int | None)) else (annotation,)
+  is_union = typing.get_origin(annotation) in (typing.Union, type(int | None))
+  options = typing.get_args(annotation) if is_union else (annotation,)
   if type(None) in options and text.lower() in ("none", "null"):
     return None
   kind = next(t for t in options if t is not type(None))

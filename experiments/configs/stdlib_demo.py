@@ -1,4 +1,4 @@
-"""The main demo: a small hash-attention GPT on the standard library's source, about 5 minutes on 2 CPU cores."""
+"""The main demo: a small hash-attention GPT on the standard library's source (~5 min, 2 CPU cores)."""
 
 from scfa_jax.model import preset
 from scfa_jax.train import TrainConfig

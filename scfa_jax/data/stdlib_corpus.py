@@ -73,8 +73,9 @@ def prepare(folder: str | Path | None = None, root: Path | None = None) -> Path:
       dtype="uint16",
       unit="byte",
       eot_token=EOT,
-      description=f"{len(files)} .py files of the Python {sys.version.split()[0]} standard library at {root}; "
-      "bytes + end-of-text (256) after each file; validation = files whose sha1(relative path)[0] < 13",
+      description=f"{len(files)} .py files of the Python {sys.version.split()[0]} standard library "
+      f"at {root}; bytes + end-of-text (256) after each file; "
+      "validation = files whose sha1(relative path)[0] < 13",
   )
   # Built in a private folder and renamed into place, so concurrent first runs (test
   # workers, several processes of one host) never see or write a half-built corpus.
