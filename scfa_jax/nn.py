@@ -51,8 +51,8 @@ class SparseCausalSelfAttention(nnx.Module):
   """Causal multi-head self-attention, dense or SCFA-sparse: [B, T, D] -> [B, T, D].
 
   Modes:
-    "dense": `jax.nn.dot_product_attention(is_causal=True)`, cuDNN on a GPU: the
-      honest baseline, not our kernel.
+    "dense": `jax.nn.dot_product_attention(is_causal=True)`, with cuDNN on a GPU
+      for bf16/f16 compute (jax.nn's default would be XLA): the honest baseline.
     "hash": fresh random LSH rotations on every call (`num_buckets` buckets per
       head); a query attends the earlier keys of its bucket (`hash_sparse_attention`).
     "qk_drop": each (batch, token, head) is dropped with probability `drop_rate`
@@ -103,7 +103,8 @@ class SparseCausalSelfAttention(nnx.Module):
       drop_rate: qk_drop probability of dropping a token from a head, in [0, 1).
       shared_qk: keys are the L2-normalised queries (no key projection).
       implementation: passed to the scfa_jax functions (None, "xla", "triton",
-        "interpret"); in dense mode "xla" and "cudnn" go to jax.nn, others mean None.
+        "interpret"); in dense mode "xla" and "cudnn" go to jax.nn, and the others
+        mean cuDNN on a GPU with bf16/f16 compute, else XLA.
       dtype: compute dtype (e.g. bfloat16); params stay in param_dtype.
       init_std: std of the q/k/v projections' normal init.
       out_init_std: std of the output projection (residual branch); init_std if None.
@@ -161,7 +162,11 @@ class SparseCausalSelfAttention(nnx.Module):
     return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(self.dtype))
 
   def _dense(self, q, k, v):
-    impl = self.implementation if self.implementation in ("xla", "cudnn") else None
+    impl = self.implementation
+    if impl not in ("xla", "cudnn"):
+      # jax.nn's own None means XLA: ask for cuDNN where it applies (GPU, 16-bit inputs).
+      half = q.dtype in (jnp.bfloat16, jnp.float16)
+      impl = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
     attend = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
         q, k, v, is_causal=True, implementation=impl
     )
