@@ -455,13 +455,14 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
   summary = {**(last_eval or {}), "step": trainer.step, "out_dir": str(out)}
   summary["metrics"] = str(out / "metrics.jsonl")
   summary.pop("kind", None)
-  if lead and trainer.step == config.steps:
-    summary["plot"] = str(plot_metrics(MetricsLog.read(log.path), out / "loss.png", bits_name))
-    if config.sample_tokens:
-      text = sample_text(trainer, config, meta)
+  if trainer.step == config.steps and config.sample_tokens:
+    text = sample_text(trainer, config, meta)  # on every process: the state is one global array
+    if lead:
       (out / "samples.txt").write_text(text)
       summary["samples"] = str(out / "samples.txt")
       say(f"--- sample (prompt {config.sample_prompt!r}) ---\n{text}\n--- end of sample ---")
+  if lead and trainer.step == config.steps:
+    summary["plot"] = str(plot_metrics(MetricsLog.read(log.path), out / "loss.png", bits_name))
   return summary
 
 
