@@ -345,9 +345,18 @@ def plot_metrics(records: list[dict], path: str | Path, bits_metric: str = "bits
 
 
 def decode(tokens, meta: prepared.DatasetMeta) -> str:
+  """Sample tokens as text: bytes, GPT-2 BPE when tiktoken can load it, else the ids."""
+  ids = np.asarray(tokens).tolist()
   if meta.unit in ("byte", "char") and meta.vocab_size <= 257:
-    return stdlib_corpus.decode(tokens)  # bytes; 256 is the end-of-text marker
-  return " ".join(str(t) for t in np.asarray(tokens).tolist())
+    return stdlib_corpus.decode(ids)  # bytes; 256 is the end-of-text marker
+  if meta.unit == "token" and meta.eot_token == 50256:
+    try:
+      from scfa_jax.data.openwebtext2 import gpt2_encoding  # noqa: PLC0415
+
+      return gpt2_encoding().decode([t for t in ids if t <= 50256])
+    except Exception:  # noqa: BLE001  (no tiktoken, or its BPE files cannot be fetched offline)
+      pass
+  return " ".join(str(t) for t in ids)
 
 
 def encode_prompt(text: str, meta: prepared.DatasetMeta) -> np.ndarray:
