@@ -123,3 +123,23 @@ def test_interpret_rejects_bfloat16_and_odd_head_dims():
   q = jnp.zeros((1, 8, 1, 24), jnp.float32)
   with pytest.raises(ValueError, match=r"head dims H in \(16, 32, 64, 128\)"):
     scfa_jax.qk_sparse_attention(q, q, q, q_keep=keep, k_keep=keep, implementation=IMPL)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_backend_forward_and_lse_match_xla_backend(strict):
+  """The intermediates: O at original rows and the per-slot lse (ours in base 2, xla's natural)."""
+  from scfa_jax import core, sorting, triton_backend, xla  # noqa: PLC0415
+
+  key = jax.random.PRNGKey(8)
+  b, t, s, n = 2, 45, 70, 2
+  q, k, v = _qkv(key, b, t, s, n, H)
+  tokens = sorting.by_bucket(
+      _buckets(jax.random.fold_in(key, 1), (b, t, n), 3), _buckets(jax.random.fold_in(key, 2), (b, s, n), 3)
+  )
+  config = lambda impl: core.AttentionConfig(implementation=impl, strict=strict, scale=0.25)
+  o, lse = triton_backend.forward(config(IMPL), q, k, v, tokens)
+  o_xla, lse_xla = xla.forward(config("xla"), q, k, v, tokens)
+  np.testing.assert_allclose(np.asarray(o), np.asarray(o_xla), atol=1e-5, rtol=1e-5)
+  empty = np.isinf(np.asarray(lse_xla))
+  assert np.array_equal(np.isinf(np.asarray(lse)), empty)
+  np.testing.assert_allclose(np.asarray(lse)[~empty] * np.log(2.0), np.asarray(lse_xla)[~empty], atol=1e-5, rtol=1e-5)
