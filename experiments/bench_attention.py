@@ -52,12 +52,13 @@ def versions() -> dict:
   return out
 
 
-def bench(fn, *args) -> float:
+def bench(fn, *args, rep_ms: int = 300) -> float:
   """Median milliseconds of fn(*args), blocking on the whole output pytree."""
   import triton.testing  # noqa: PLC0415
 
   jax.block_until_ready(fn(*args))
-  return float(triton.testing.do_bench(lambda: jax.block_until_ready(fn(*args)), warmup=50, rep=300, return_mode="median"))
+  run = lambda: jax.block_until_ready(fn(*args))
+  return float(triton.testing.do_bench(run, warmup=rep_ms // 6, rep=rep_ms, return_mode="median"))
 
 
 def make_case(name, b, t, n, seed):
@@ -76,7 +77,7 @@ def make_case(name, b, t, n, seed):
   return fn, q_masks, k_masks, density
 
 
-def timings(attention, q, k, v, *extra) -> dict:
+def timings(attention, q, k, v, *extra, rep_ms: int = 300) -> dict:
   fwd = jax.jit(attention)
   out = fwd(q, k, v, *extra)
   do = jax.random.normal(jax.random.PRNGKey(7), out.shape, out.dtype)
@@ -90,9 +91,9 @@ def timings(attention, q, k, v, *extra) -> dict:
   _, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, *extra), q, k, v)
   bwd = jax.jit(lambda vjp, do: vjp(do))
   return {
-      "fwd_ms": bench(fwd, q, k, v, *extra),
-      "bwd_ms": bench(bwd, vjp, do),
-      "fwd_bwd_ms": bench(fwd_bwd, q, k, v, do, *extra),
+      "fwd_ms": bench(fwd, q, k, v, *extra, rep_ms=rep_ms),
+      "bwd_ms": bench(bwd, vjp, do, rep_ms=rep_ms),
+      "fwd_bwd_ms": bench(fwd_bwd, q, k, v, do, *extra, rep_ms=rep_ms),
   }
 
 
@@ -105,6 +106,7 @@ def main() -> None:
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--out", default="")
+  parser.add_argument("--rep_ms", type=int, default=300, help="measuring time per timing (do_bench rep)")
   parser.add_argument("--plot", default="", help="only draw the figure of this JSON result file")
   args = parser.parse_args()
   if args.plot:
@@ -120,12 +122,12 @@ def main() -> None:
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (b, t, n, h), dtype) for i in range(3))
     dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     start = time.perf_counter()
-    base = timings(dense, q, k, v)
+    base = timings(dense, q, k, v, rep_ms=args.rep_ms)
     causal_flops = 4 * b * n * h * t * (t + 1) / 2  # two matmuls of the causal half, 2 flops per MAC
     print(f"T={t:6d} cudnn      fwd {base['fwd_ms']:8.3f}  bwd {base['bwd_ms']:8.3f}  fwd+bwd {base['fwd_bwd_ms']:8.3f} ms")
     for name in args.cases.split(","):
       fn, qm, km, density = make_case(name, b, t, n, seed=t)
-      ours = timings(fn, q, k, v, qm, km)
+      ours = timings(fn, q, k, v, qm, km, rep_ms=args.rep_ms)
       row = dict(T=t, case=name, density=density, **ours, **{f"cudnn_{key}": val for key, val in base.items()})
       for key in ("fwd", "bwd", "fwd_bwd"):
         row[f"speedup_{key}"] = base[f"{key}_ms"] / ours[f"{key}_ms"]
