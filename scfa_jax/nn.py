@@ -34,7 +34,9 @@ def batch_sharded(fn):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or DATA_AXIS not in mesh.axis_names or mesh.shape[DATA_AXIS] == 1:
     return fn
-  return jax.shard_map(fn, in_specs=P(DATA_AXIS), out_specs=P(DATA_AXIS))
+  # check_vma=False: jax-triton kernels (custom calls) carry no varying-axes type, and
+  # custom_vjp would reject their gradients under the check.
+  return jax.shard_map(fn, in_specs=P(DATA_AXIS), out_specs=P(DATA_AXIS), check_vma=False)
 
 
 def _draw_key(rngs, stream) -> jax.Array:

@@ -268,14 +268,14 @@ def test_default_implementation_on_cpu_is_xla():
   assert np.array_equal(np.asarray(out), np.asarray(want))
 
 
-def test_shard_map_over_the_batch_axis():
-  """Attention runs per device under shard_map over B (4 virtual CPU devices)."""
+def run_shard_map_check(implementation: str, check_vma: bool) -> None:
+  """Hash attention and its gradient under shard_map over B on 4 virtual CPU devices."""
   import subprocess
   import sys
   import textwrap
 
   script = textwrap.dedent(
-      """
+      f"""
       import os
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
       import jax, jax.numpy as jnp, numpy as np
@@ -288,9 +288,10 @@ def test_shard_map_over_the_batch_axis():
       batch = jax.sharding.NamedSharding(mesh, P("data"))
       q, k, v, buckets = (jax.device_put(x, batch) for x in (q, k, v, buckets))
       attn = lambda q, k, v, b: scfa_jax.hash_sparse_attention(
-          q, k, v, q_buckets=b, k_buckets=b, strict=True, implementation="xla")
+          q, k, v, q_buckets=b, k_buckets=b, strict=True, implementation={implementation!r})
       with jax.set_mesh(mesh):
-        sharded = jax.jit(jax.shard_map(attn, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+        sharded = jax.jit(jax.shard_map(
+            attn, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma={check_vma}))
         grad = jax.jit(jax.grad(lambda q: jnp.sum(sharded(q, k, v, buckets) ** 2)))
         out = sharded(q, k, v, buckets)
         want = reference.hash_sparse_attention(q, k, v, q_buckets=buckets, k_buckets=buckets, strict=True)
@@ -302,5 +303,9 @@ def test_shard_map_over_the_batch_axis():
       print("ok")
       """
   )
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
   assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_shard_map_over_the_batch_axis():
+  run_shard_map_check("xla", check_vma=True)

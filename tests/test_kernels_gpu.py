@@ -153,7 +153,7 @@ def test_default_implementation_is_triton_and_shard_map_works():
   args = [jax.device_put(x, batch) for x in (q, k, v, keep)]
   with jax.set_mesh(mesh):
     attn = lambda q, k, v, keep: scfa_jax.qk_sparse_attention(q, k, v, q_keep=keep, k_keep=keep)
-    sharded = jax.jit(jax.shard_map(attn, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+    sharded = jax.jit(jax.shard_map(attn, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=False))
     grads = jax.jit(jax.grad(lambda q: jnp.sum(sharded(q, *args[1:]).astype(jnp.float32))))(args[0])
     out = sharded(*args)
   assert _rel(out, explicit) < 1e-6

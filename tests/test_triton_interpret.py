@@ -14,7 +14,7 @@ import pytest
 
 import scfa_jax
 from scfa_jax import reference
-from tests.test_attention_xla import _buckets, _check_against, _qkv
+from tests.test_attention_xla import _buckets, _check_against, _qkv, run_shard_map_check
 
 pytest.importorskip("torch", reason="the interpreter's tensors")
 pytest.importorskip("triton")
@@ -143,3 +143,9 @@ def test_backend_forward_and_lse_match_xla_backend(strict):
   empty = np.isinf(np.asarray(lse_xla))
   assert np.array_equal(np.isinf(np.asarray(lse)), empty)
   np.testing.assert_allclose(np.asarray(lse)[~empty] * np.log(2.0), np.asarray(lse_xla)[~empty], atol=1e-5, rtol=1e-5)
+
+
+def test_shard_map_over_the_batch_axis():
+  # check_vma=False: custom calls carry no varying-axes type, so custom_vjp would reject
+  # their gradients under the check (the same holds for jax-triton on a GPU).
+  run_shard_map_check(IMPL, check_vma=False)
