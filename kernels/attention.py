@@ -47,6 +47,31 @@ def _load_rows(ptr, offset, in_bounds, H: tl.constexpr):
 
 
 @triton.jit
+def _token_keys(idx_ptr, hash_ptr, slot, in_bounds, PAD: tl.constexpr, HASHED: tl.constexpr):
+  """Causal index and bucket of sorted slots (the bucket is the index when not HASHED)."""
+  idx = tl.load(idx_ptr + slot, mask=in_bounds, other=PAD)
+  hashes = idx
+  if HASHED:
+    hashes = tl.load(hash_ptr + slot, mask=in_bounds, other=0)
+  return idx, hashes
+
+
+@triton.jit
+def _plan_part(start_ptr, end_ptr, full_start_ptr, full_end_ptr, tile, PART: tl.constexpr):
+  """Bounds of part PART of a tile's range: 0 masked, 1 full (no mask), 2 masked."""
+  if PART == 0:
+    lo = tl.load(start_ptr + tile)
+    hi = tl.load(full_start_ptr + tile)
+  elif PART == 1:
+    lo = tl.load(full_start_ptr + tile)
+    hi = tl.load(full_end_ptr + tile)
+  else:
+    lo = tl.load(full_end_ptr + tile)
+    hi = tl.load(end_ptr + tile)
+  return lo, hi
+
+
+@triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, q, q_idx, q_hash,
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, bh, b, n, lo, hi,
@@ -61,10 +86,7 @@ def _fwd_tiles(
     v = _load_rows(v_ptr, k_offset, in_bounds, H)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
     if MASKED:
-      k_idx = tl.load(k_idx_ptr + bh * S + slot, mask=in_bounds, other=K_PAD)
-      k_hash = k_idx
-      if HASHED:
-        k_hash = tl.load(k_hash_ptr + bh * S + slot, mask=in_bounds, other=0)
+      k_idx, k_hash = _token_keys(k_idx_ptr + bh * S, k_hash_ptr + bh * S, slot, in_bounds, K_PAD, HASHED)
       allowed = _allowed(q_idx[:, None], k_idx[None, :], q_hash[:, None], k_hash[None, :], HASHED, STRICT)
       s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -95,28 +117,16 @@ def scfa_fwd(
   in_bounds = slot < T
   q_offset = _row_offsets(q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
   q = _load_rows(q_ptr, q_offset, in_bounds, H)
-  q_idx = tl.load(q_idx_ptr + bh * T + slot, mask=in_bounds, other=-1)
-  q_hash = q_idx
-  if HASHED:
-    q_hash = tl.load(q_hash_ptr + bh * T + slot, mask=in_bounds, other=0)
+  q_idx, q_hash = _token_keys(q_idx_ptr + bh * T, q_hash_ptr + bh * T, slot, in_bounds, -1, HASHED)
 
   tile = bh * tl.num_programs(0) + pid_m
-  start_n = tl.load(start_n_ptr + tile)
-  end_n = tl.load(end_n_ptr + tile)
-  full_start_n = tl.load(full_start_n_ptr + tile)
-  full_end_n = tl.load(full_end_n_ptr + tile)
 
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_M], tl.float32)
   acc = tl.zeros([BLOCK_M, H], tl.float32)
   # Masked tiles, full tiles without mask arithmetic, masked tiles.
   for part in tl.static_range(3):
-    if part == 0:
-      lo, hi = start_n, full_start_n
-    elif part == 1:
-      lo, hi = full_start_n, full_end_n
-    else:
-      lo, hi = full_end_n, end_n
+    lo, hi = _plan_part(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part)
     acc, m_i, l_i = _fwd_tiles(
         acc, m_i, l_i, q, q_idx, q_hash,
         k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, bh, b, n, lo, hi,
@@ -158,10 +168,7 @@ def _dkdv_tiles(
     do = _load_rows(do_ptr, q_offset, in_bounds, H)
     lse = tl.load(lse_ptr + bh * T + slot, mask=in_bounds, other=float("inf"))
     delta = tl.load(delta_ptr + q_offset // H, mask=in_bounds, other=0.0)
-    q_idx = tl.load(q_idx_ptr + bh * T + slot, mask=in_bounds, other=-1)
-    q_hash = q_idx
-    if HASHED:
-      q_hash = tl.load(q_hash_ptr + bh * T + slot, mask=in_bounds, other=0)
+    q_idx, q_hash = _token_keys(q_idx_ptr + bh * T, q_hash_ptr + bh * T, slot, in_bounds, -1, HASHED)
     # Key-major like Triton's tutorial: only loaded tiles get transposed, never computed ones.
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * QK_SCALE  # [BLOCK_N, BLOCK_M]
     p_t = tl.math.exp2(s_t - lse[None, :])
@@ -197,26 +204,14 @@ def scfa_bwd_dkdv(
   k_offset = _row_offsets(k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
   k = _load_rows(k_ptr, k_offset, in_bounds, H)
   v = _load_rows(v_ptr, k_offset, in_bounds, H)
-  k_idx = tl.load(k_idx_ptr + bh * S + slot, mask=in_bounds, other=K_PAD)
-  k_hash = k_idx
-  if HASHED:
-    k_hash = tl.load(k_hash_ptr + bh * S + slot, mask=in_bounds, other=0)
+  k_idx, k_hash = _token_keys(k_idx_ptr + bh * S, k_hash_ptr + bh * S, slot, in_bounds, K_PAD, HASHED)
 
   tile = bh * tl.num_programs(0) + pid_n
-  start_m = tl.load(start_m_ptr + tile)
-  end_m = tl.load(end_m_ptr + tile)
-  full_start_m = tl.load(full_start_m_ptr + tile)
-  full_end_m = tl.load(full_end_m_ptr + tile)
 
   dk = tl.zeros([BLOCK_N, H], tl.float32)
   dv = tl.zeros([BLOCK_N, H], tl.float32)
   for part in tl.static_range(3):
-    if part == 0:
-      lo, hi = start_m, full_start_m
-    elif part == 1:
-      lo, hi = full_start_m, full_end_m
-    else:
-      lo, hi = full_end_m, end_m
+    lo, hi = _plan_part(start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, tile, part)
     dk, dv = _dkdv_tiles(
         dk, dv, k, v, k_idx, k_hash,
         q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, bh, b, n, lo, hi,
@@ -241,10 +236,7 @@ def _dq_tiles(
     k_offset = _row_offsets(k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
     k = _load_rows(k_ptr, k_offset, in_bounds, H)
     v = _load_rows(v_ptr, k_offset, in_bounds, H)
-    k_idx = tl.load(k_idx_ptr + bh * S + slot, mask=in_bounds, other=K_PAD)
-    k_hash = k_idx
-    if HASHED:
-      k_hash = tl.load(k_hash_ptr + bh * S + slot, mask=in_bounds, other=0)
+    k_idx, k_hash = _token_keys(k_idx_ptr + bh * S, k_hash_ptr + bh * S, slot, in_bounds, K_PAD, HASHED)
     p = _probabilities(q, k, q_idx, k_idx, q_hash, k_hash, lse, QK_SCALE, HASHED, STRICT, MASKED, PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
@@ -273,25 +265,13 @@ def scfa_bwd_dq(
   do = _load_rows(do_ptr, q_offset, in_bounds, H)
   lse = tl.load(lse_ptr + bh * T + slot, mask=in_bounds, other=float("inf"))
   delta = tl.load(delta_ptr + q_offset // H, mask=in_bounds, other=0.0)
-  q_idx = tl.load(q_idx_ptr + bh * T + slot, mask=in_bounds, other=-1)
-  q_hash = q_idx
-  if HASHED:
-    q_hash = tl.load(q_hash_ptr + bh * T + slot, mask=in_bounds, other=0)
+  q_idx, q_hash = _token_keys(q_idx_ptr + bh * T, q_hash_ptr + bh * T, slot, in_bounds, -1, HASHED)
 
   tile = bh * tl.num_programs(0) + pid_m
-  start_n = tl.load(start_n_ptr + tile)
-  end_n = tl.load(end_n_ptr + tile)
-  full_start_n = tl.load(full_start_n_ptr + tile)
-  full_end_n = tl.load(full_end_n_ptr + tile)
 
   dq = tl.zeros([BLOCK_M, H], tl.float32)
   for part in tl.static_range(3):
-    if part == 0:
-      lo, hi = start_n, full_start_n
-    elif part == 1:
-      lo, hi = full_start_n, full_end_n
-    else:
-      lo, hi = full_end_n, end_n
+    lo, hi = _plan_part(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part)
     dq = _dq_tiles(
         dq, q, do, lse, delta, q_idx, q_hash,
         k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, bh, b, n, lo, hi,
