@@ -20,8 +20,22 @@ def random_rotations(key: jax.Array, num_heads: int, head_dim: int, num_buckets:
   return jax.random.normal(key, (num_heads, head_dim, num_buckets // 2), jnp.float32)
 
 
+def bucket_dtype(num_buckets: int) -> jnp.dtype:
+  """The narrowest unsigned dtype that holds ids in [0, num_buckets).
+
+  The sort in `hash_sparse_attention` is a radix sort whose passes follow the key width:
+  uint8 buckets sort in one pass, int32 ones in four.
+  """
+  for dtype in (jnp.uint8, jnp.uint16):
+    if num_buckets <= jnp.iinfo(dtype).max + 1:
+      return jnp.dtype(dtype)
+  return jnp.dtype(jnp.int32)
+
+
 def lsh_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
-  """Bucket ids argmax([xR, -xR]) per token and head: int32 [B, T, N] in [0, 2 * R).
+  """Bucket ids argmax([xR, -xR]) per token and head: [B, T, N] in [0, 2 * R).
+
+  The dtype is `bucket_dtype(2 * R)`: uint8 up to 256 buckets.
 
   Args:
     x: [B, T, N, H] queries or keys.
@@ -34,4 +48,5 @@ def lsh_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
         f"rotations must be [N, H, R] with (N, H) = {x.shape[2:]} from x, got {rotations.shape=}"
     )
   projected = jnp.einsum("btnh,nhr->btnr", x.astype(jnp.float32), rotations.astype(jnp.float32))
-  return jnp.argmax(jnp.concatenate([projected, -projected], axis=-1), axis=-1).astype(jnp.int32)
+  buckets = jnp.argmax(jnp.concatenate([projected, -projected], axis=-1), axis=-1)
+  return buckets.astype(bucket_dtype(2 * rotations.shape[-1]))

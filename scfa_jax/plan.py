@@ -6,14 +6,16 @@ query tile the key tiles that can hold an allowed pair form one contiguous range
 Inside each range a sub-range `[full_start_*, full_end_*)` holds tiles where every
 pair is allowed, which the kernels run without mask arithmetic.
 
-The plan is built from per-tile bounding boxes of (hash, idx) and the lexicographic
-min/max of (hash, idx). The tests are conservative for *any* token order: a visited
-range may contain tiles without an allowed pair (the in-tile mask handles them), but
-a tile holding an allowed pair is never skipped, and a tile is called full only when
-all its pairs are allowed. Sortedness only makes the ranges tight.
+Two builders give plans with the same guarantees: a visited range may contain tiles
+without an allowed pair (the in-tile mask handles them), but a tile holding an allowed
+pair is never skipped, and a tile is called full only when all its pairs are allowed.
 
-Cost: O(B * N * num_q_tiles * num_k_tiles) comparisons on tiny tile summaries, which
-is well under the cost of one pass over q at the tile sizes the kernels use.
+- Ordered tokens (`SortedTokens.ordered`: our own sorts): the keys a query may attend
+  are one run of the sorted key order, so each tile's range comes from binary searches
+  for its first and last real token: O(num_tiles * log L) per head.
+- Any other order (a caller's `presorted` tokens): per-tile bounding boxes of
+  (hash, idx), compared for every pair of tiles: O(num_q_tiles * num_k_tiles) per head,
+  conservative for any order; sortedness only makes its ranges tight.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ SKIP, MASKED, FULL = 0, 1, 2
 """Tile states in `TilePlan.to_dense()`."""
 
 _BIG = np.iinfo(np.int32).max
+_SMALL = np.iinfo(np.int32).min
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +169,8 @@ def make_plan(tokens: SortedTokens, *, block_q: int, block_k: int, strict: bool)
       if tokens.hashed
       else (jnp.zeros_like(tokens.q_idx), jnp.zeros_like(tokens.k_idx))
   )
+  if tokens.ordered:
+    return _ordered_plan(tokens, q_hash, k_hash, block_q, block_k, strict)
   q = _tile_stats(tokens.q_idx, q_hash, tokens.q_idx >= 0, block_q)
   k = _tile_stats(tokens.k_idx, k_hash, tokens.k_idx < K_PAD, block_k)
   qx = lambda x: x[..., :, None]  # query tiles along rows
@@ -204,3 +209,105 @@ def make_plan(tokens: SortedTokens, *, block_q: int, block_k: int, strict: bool)
       start_m, end_m, full_start_m, full_end_m,
       block_q=block_q, block_k=block_k,
   )  # fmt: skip
+
+
+def _filled_keys(idx: jax.Array, hashes: jax.Array, real: jax.Array):
+  """The (hash, idx) key of every slot, with slots that hold no real token filled from
+  the previous real slot (`before`) or the next one (`after`). Both stay sorted when
+  the real tokens are, so binary searches can run over every slot: searches in
+  `before` find real tokens from the left, searches in `after` from the right."""
+  length = idx.shape[-1]
+  slot = jnp.arange(length, dtype=jnp.int32)
+  previous = jax.lax.cummax(jnp.where(real, slot, -1), axis=real.ndim - 1)
+  following = jax.lax.cummin(jnp.where(real, slot, length), axis=real.ndim - 1, reverse=True)
+
+  def fill(at, exists, missing):
+    at = jnp.clip(at, 0, length - 1)
+    pick = lambda x: jnp.where(exists, jnp.take_along_axis(x, at, axis=-1), missing)
+    return pick(hashes), pick(idx)
+
+  return fill(previous, previous >= 0, _SMALL), fill(following, following < length, _BIG)
+
+
+def _count_before(keys, hashes: jax.Array, idx: jax.Array, inclusive: bool) -> jax.Array:
+  """How many slots of sorted `keys` ([B, N, L] pairs) come before (hash, idx) [B, N, M]
+  lexicographically (or equal, when inclusive): a binary search, unrolled."""
+  key_hash, key_idx = keys
+  length = key_hash.shape[-1]
+  count = jnp.zeros(hashes.shape, jnp.int32)
+  step = 1 << (length.bit_length() - 1)
+  while step:
+    candidate = count + step
+    at = jnp.minimum(candidate, length) - 1
+    h, i = jnp.take_along_axis(key_hash, at, axis=-1), jnp.take_along_axis(key_idx, at, axis=-1)
+    before = (h < hashes) | ((h == hashes) & ((i <= idx) if inclusive else (i < idx)))
+    count = jnp.where((candidate <= length) & before, candidate, count)
+    step //= 2
+  return count
+
+
+def _tile_ends(real: jax.Array, block: int):
+  """Per tile: first and last slot holding a real token (-1 when none), all slots real."""
+  length = real.shape[-1]
+  pad = -length % block
+  real = jnp.pad(real, ((0, 0), (0, 0), (0, pad))).reshape(real.shape[:2] + (-1, block))
+  slot = jnp.arange(length + pad, dtype=jnp.int32).reshape(-1, block)
+  first = jnp.min(jnp.where(real, slot, _BIG), axis=-1)
+  last = jnp.max(jnp.where(real, slot, -1), axis=-1)
+  return jnp.where(last >= 0, first, -1), last, jnp.all(real, axis=-1)
+
+
+def _ordered_plan(tokens, q_hash, k_hash, block_q, block_k, strict) -> TilePlan:
+  """The plan from binary searches, for tokens whose real slots are in (hash, idx) order.
+
+  A query (h, t) may attend exactly the real keys with key in [(h, -inf), (h, t)] (or
+  below (h, t) when strict), one run of the key order; a key (h, s) is attended by the
+  real queries in [(h, s), (h, +inf)] (or above (h, s)). A tile's range is the hull of
+  its first and last real token's runs; it is full when the tile is all real and of one
+  bucket and the run of its least permissive token covers whole tiles, all real.
+  """
+  q_real, k_real = tokens.q_idx >= 0, tokens.k_idx < K_PAD
+  q_keys, k_keys = _filled_keys(tokens.q_idx, q_hash, q_real), _filled_keys(tokens.k_idx, k_hash, k_real)
+
+  def view(lo, hi, full_lo, full_hi, uniform, any_real, other, block):
+    """Tile ranges from slot bounds on the other side, whose tiles (of size `block`)
+    are all real where `other` is True."""
+    visit = any_real & (hi > lo)
+    start, end = jnp.where(visit, lo // block, 0), jnp.where(visit, -(-hi // block), 0)
+    full_start, full_end = -(-full_lo // block), full_hi // block
+    whole = jnp.concatenate([jnp.zeros_like(other[..., :1], jnp.int32), jnp.cumsum(other, -1, dtype=jnp.int32)], -1)
+    at = lambda x: jnp.take_along_axis(whole, jnp.clip(x, 0, whole.shape[-1] - 1), axis=-1)
+    full = visit & uniform & (full_end > full_start) & (at(full_end) - at(full_start) == full_end - full_start)
+    return start, end, jnp.where(full, full_start, start), jnp.where(full, full_end, start)
+
+  def ends(hashes, idx, first, last):
+    at = lambda x, slot: jnp.take_along_axis(x, jnp.maximum(slot, 0), axis=-1)
+    return at(hashes, first), at(idx, first), at(hashes, last), at(idx, last)
+
+  q_first, q_last, q_all = _tile_ends(q_real, block_q)
+  k_first, k_last, k_all = _tile_ends(k_real, block_k)
+  qh0, qi0, qh1, qi1 = ends(q_hash, tokens.q_idx, q_first, q_last)
+  kh0, ki0, kh1, ki1 = ends(k_hash, tokens.k_idx, k_first, k_last)
+  filled = lambda x, value: jnp.full_like(x, value)
+  keys_before, keys_after = k_keys
+  queries_before, queries_after = q_keys
+
+  # Query tiles: keys from the first bucket's start to the last query's last key; full
+  # when every key up to the first query's last key is in whole, real tiles.
+  q_view = view(
+      lo=_count_before(keys_before, qh0, filled(qh0, _SMALL), inclusive=False),
+      hi=_count_before(keys_after, qh1, qi1, inclusive=not strict),
+      full_lo=_count_before(keys_before, qh0, filled(qh0, _SMALL), inclusive=False),
+      full_hi=_count_before(keys_after, qh0, qi0, inclusive=not strict),
+      uniform=q_all & (qh0 == qh1), any_real=q_last >= 0, other=k_all, block=block_k,
+  )  # fmt: skip
+  # Key tiles: queries from the first key's first query to the last key's bucket end;
+  # full when every query from the last key's first query to the bucket end is.
+  k_view = view(
+      lo=_count_before(queries_before, kh0, ki0, inclusive=strict),
+      hi=_count_before(queries_after, kh1, filled(kh1, _BIG), inclusive=True),
+      full_lo=_count_before(queries_before, kh0, ki1, inclusive=strict),
+      full_hi=_count_before(queries_after, kh1, filled(kh1, _BIG), inclusive=True),
+      uniform=k_all & (kh0 == kh1), any_real=k_last >= 0, other=q_all, block=block_q,
+  )  # fmt: skip
+  return TilePlan(*q_view, *k_view, block_q=block_q, block_k=block_k)

@@ -13,6 +13,7 @@ Index layout is head-major, [B, N, T], because sorting runs along T per (batch, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +31,17 @@ class SortedTokens:
   """Sorted order of queries and keys, per (batch, head).
 
   Attributes:
-    q_perm: int32 [B, N, T]; sorted query slot i holds row `q_perm[b, n, i]` of q.
-      A permutation of range(T) per (b, n), so every row is written exactly once.
-    k_perm: int32 [B, N, S]; the same for the rows of k and v.
-    q_idx: int32 [B, N, T]; causal position of slot i, or `Q_PAD`.
-    k_idx: int32 [B, N, S]; causal position of slot j, or `K_PAD`.
-    q_hash: int32 [B, N, T] bucket of slot i, or None when not hashed.
-    k_hash: int32 [B, N, S] bucket of slot j, or None when not hashed.
+    q_perm: int32 [B, N, LQ]; sorted query slot i holds row `q_perm[b, n, i]` of q.
+      Every row of range(T) appears exactly once per (b, n), so every row is written
+      exactly once; LQ = T, except after `align_runs`, whose extra slots hold -1 (no row).
+    k_perm: int32 [B, N, LK]; the same for the rows of k and v.
+    q_idx: int32 [B, N, LQ]; causal position of slot i, or `Q_PAD`.
+    k_idx: int32 [B, N, LK]; causal position of slot j, or `K_PAD`.
+    q_hash: int32 [B, N, LQ] bucket of slot i, or None when not hashed.
+    k_hash: int32 [B, N, LK] bucket of slot j, or None when not hashed.
+    ordered: static; True when the slots that hold real tokens are in nondecreasing
+      (hash, idx) order by construction (`by_bucket`, `by_keep_mask`, `align_runs`), which
+      lets the tile plan use binary searches. False for a caller's order (`presorted`).
   """
 
   q_perm: jax.Array
@@ -45,6 +50,7 @@ class SortedTokens:
   k_idx: jax.Array
   q_hash: jax.Array | None = None
   k_hash: jax.Array | None = None
+  ordered: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
   def hashed(self) -> bool:
@@ -61,13 +67,16 @@ def _head_major(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 1, 2).astype(jnp.int32)
 
 
-def _sort_by_bucket(buckets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Sorts [B, L, N] buckets by (bucket, position); returns (perm, sorted buckets)."""
-  pos = _positions(buckets)
-  # A stable sort on the bucket alone keeps positions ascending inside each bucket and
-  # compares one key instead of two.
-  sorted_hash, perm = jax.lax.sort((_head_major(buckets), pos), dimension=-1, is_stable=True)
-  return perm, sorted_hash
+def _stable_sort(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Stable sort of [B, L, N] integer keys along L, positions as payload: (perm, sorted keys).
+
+  Stability keeps positions ascending among equal keys, so one key does the work of
+  (key, position). XLA runs this as a CUB radix sort on GPU, whose passes follow the
+  key's width: the keys keep their own dtype (uint8 buckets: one pass) rather than int32.
+  """
+  pos = _positions(keys)
+  sorted_keys, perm = jax.lax.sort((jnp.swapaxes(keys, 1, 2), pos), dimension=-1, is_stable=True)
+  return perm, sorted_keys
 
 
 def _compact(keep: jax.Array, pad: int) -> tuple[jax.Array, jax.Array]:
@@ -76,24 +85,24 @@ def _compact(keep: jax.Array, pad: int) -> tuple[jax.Array, jax.Array]:
   Returns (perm, idx): dropped tokens follow the kept ones with idx = pad; their perm
   still names their own row, so outputs for them land at their original position.
   """
-  pos = _positions(keep)
-  dropped = _head_major(~keep)
-  dropped_sorted, perm = jax.lax.sort((dropped, pos), dimension=-1, is_stable=True)
+  perm, dropped_sorted = _stable_sort((~keep).astype(jnp.uint8))
   return perm, jnp.where(dropped_sorted == 0, perm, pad)
 
 
 def by_bucket(q_buckets: jax.Array, k_buckets: jax.Array) -> SortedTokens:
   """Hash-sparse order: tokens stable-sorted by bucket, positions ascending inside."""
-  q_perm, q_hash = _sort_by_bucket(q_buckets)
-  k_perm, k_hash = _sort_by_bucket(k_buckets)
-  return SortedTokens(q_perm, k_perm, q_perm, k_perm, q_hash, k_hash)
+  q_perm, q_hash = _stable_sort(q_buckets)
+  k_perm, k_hash = _stable_sort(k_buckets)
+  return SortedTokens(
+      q_perm, k_perm, q_perm, k_perm, q_hash.astype(jnp.int32), k_hash.astype(jnp.int32), ordered=True
+  )
 
 
 def by_keep_mask(q_keep: jax.Array, k_keep: jax.Array) -> SortedTokens:
   """QK-sparse order: kept tokens compacted to the front, dropped ones padded."""
   q_perm, q_idx = _compact(q_keep, Q_PAD)
   k_perm, k_idx = _compact(k_keep, K_PAD)
-  return SortedTokens(q_perm, k_perm, q_idx, k_idx)
+  return SortedTokens(q_perm, k_perm, q_idx, k_idx, ordered=True)
 
 
 def presorted(
@@ -107,6 +116,39 @@ def presorted(
   return SortedTokens(
       _positions(q_idx), _positions(k_idx), _head_major(q_idx), _head_major(k_idx), *hashes
   )
+
+
+def align_runs(tokens: SortedTokens, align: int, budget: int) -> SortedTokens:
+  """Hashed tokens with empty slots inserted so that each run of equal hashes starts at a
+  multiple of `align` (the kernels' tile size), as long as `budget` slots last.
+
+  Tiles then hold one bucket each: no tile straddles two buckets, so a tile's keys are
+  all or none of a query's bucket, and most tiles need no mask at all. Runs past the
+  budget keep their place unaligned, which only costs speed: the tile plan and the
+  in-tile mask are exact for any order. Inserted slots have perm -1 (no row), q_idx
+  `Q_PAD` and k_idx `K_PAD`; each side grows by `budget` slots (static shapes).
+  """
+
+  def side(perm, idx, hashes, pad):
+    length = perm.shape[-1]
+    slot = jnp.arange(length, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.zeros_like(hashes[..., :1], bool), hashes[..., 1:] != hashes[..., :-1]], -1)
+    run_start = jax.lax.cummax(jnp.where(starts, slot, 0), axis=hashes.ndim - 1)
+    # Before each run: the slots that round the previous run's length up to `align`.
+    previous_length = slot - jnp.concatenate([jnp.zeros_like(run_start[..., :1]), run_start[..., :-1]], -1)
+    gaps = jnp.where(starts, -previous_length % align, 0)
+    position = slot + jnp.minimum(jnp.cumsum(gaps, axis=-1, dtype=jnp.int32), budget)
+
+    @functools.partial(jnp.vectorize, signature="(l),(l)->(m)", excluded={2})
+    def spread(x, position, fill):  # positions rise strictly: a scatter of plain stores
+      empty = jnp.full((length + budget,), fill, x.dtype)
+      return empty.at[position].set(x, indices_are_sorted=True, unique_indices=True)
+
+    return spread(perm, position, -1), spread(idx, position, pad), spread(hashes, position, 0)
+
+  q_perm, q_idx, q_hash = side(tokens.q_perm, tokens.q_idx, tokens.q_hash, Q_PAD)
+  k_perm, k_idx, k_hash = side(tokens.k_perm, tokens.k_idx, tokens.k_hash, K_PAD)
+  return SortedTokens(q_perm, k_perm, q_idx, k_idx, q_hash, k_hash, ordered=tokens.ordered)
 
 
 def gather_rows(x: jax.Array, perm: jax.Array) -> jax.Array:

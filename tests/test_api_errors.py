@@ -98,7 +98,7 @@ def test_lsh_buckets_and_rotations():
   assert rotations.shape == (N, H, 8)
   x = jax.random.normal(key, (B, T, N, H))
   buckets = scfa_jax.lsh_buckets(x, rotations)
-  assert buckets.shape == (B, T, N) and buckets.dtype == jnp.int32
+  assert buckets.shape == (B, T, N) and buckets.dtype == jnp.uint8  # the narrowest key for the sort
   assert int(buckets.min()) >= 0 and int(buckets.max()) < 16
   # Angular: scaling a vector keeps its bucket; negating it moves to the paired bucket.
   np.testing.assert_array_equal(scfa_jax.lsh_buckets(3.0 * x, rotations), buckets)
@@ -111,6 +111,16 @@ def test_lsh_buckets_and_rotations():
     scfa_jax.lsh_buckets(x, rotations[:, :4])
   with pytest.raises(ValueError, match=r"x must be \[B, T, N, H\]"):
     scfa_jax.lsh_buckets(x[0], rotations)
+
+
+def test_bucket_dtype_is_the_narrowest_that_holds_the_ids():
+  assert scfa_jax.lsh.bucket_dtype(2) == jnp.uint8
+  assert scfa_jax.lsh.bucket_dtype(256) == jnp.uint8
+  assert scfa_jax.lsh.bucket_dtype(258) == jnp.uint16
+  assert scfa_jax.lsh.bucket_dtype(65536) == jnp.uint16
+  assert scfa_jax.lsh.bucket_dtype(65538) == jnp.int32
+  rotations = scfa_jax.random_rotations(jax.random.PRNGKey(0), N, H, 300)
+  assert scfa_jax.lsh_buckets(jax.random.normal(jax.random.PRNGKey(1), (B, T, N, H)), rotations).dtype == jnp.uint16
 
 
 def test_kernels_never_resolve_to_an_unrelated_package(tmp_path):
