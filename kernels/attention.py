@@ -4,13 +4,17 @@ One forward kernel and one backward family serve both modes: the HASHED and STRI
 constexprs pick the mask rule. Every kernel reads rows of q, k, v, dO through the sort
 permutation (`q_perm`, `k_perm`: rows of H contiguous elements in [B, T, N, H]) and
 stores O, dQ, dK, dV straight at the original rows, so the host never gathers,
-transposes or scatters them. Per-slot vectors (q_idx, k_idx, hashes, lse) are
-head-major [B, N, T] in sorted order.
+transposes or scatters them. Per-slot vectors (q_idx, k_idx, hashes, lse, delta) are
+head-major [B, N, LQ] / [B, N, LK] in sorted order; LQ >= T slots hold the T query rows
+and slots with perm -1 hold none (padding that aligns buckets to tiles), likewise LK >= S
+for keys. Lengths are runtime scalars, so one compiled kernel serves every length.
 
-Each program walks the contiguous tile range that the tile plan gives it in three
-parts: masked tiles, full tiles (no mask arithmetic), masked tiles. The log-sum-exp
-is kept in base 2 of the scaled logits; a row with no allowed key stores +inf, which
-turns every probability of the backward into exactly 0.
+Each program walks the contiguous tile range `[start, end)` that the tile plan gives
+it; only tiles outside the plan's full sub-range `[full_start, full_end)` pay for mask
+arithmetic. Either the range runs as three loops (masked, full, masked) or, with
+ONE_LOOP, as one software-pipelined loop that branches on the tile index. The log-sum-exp is kept
+in base 2 of the scaled logits; a row with no allowed key stores +inf, which turns
+every probability of the backward into exactly 0.
 """
 
 import triton
@@ -34,16 +38,27 @@ def _allowed(qi, kj, qh, kh, HASHED: tl.constexpr, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(perm_ptr, slot, in_bounds, b, n, L: tl.constexpr, N: tl.constexpr, H: tl.constexpr):
-  """Element offsets of the rows of head (b, n) that sorted slots `slot` read through perm."""
-  row = tl.load(perm_ptr + slot, mask=in_bounds, other=0)
-  return ((b * L + row).to(tl.int64) * N + n) * H
+def _multiple_of_16(x, ALIGNED: tl.constexpr):
+  """x, declared a multiple of 16 when ALIGNED. jax-triton passes int arguments without the
+  divisibility specialization Triton's own launcher gives them; without it the per-slot
+  loads at `bh * LQ` lose their vector width and most of their software pipelining."""
+  if ALIGNED:  # tl.multiple_of does not reach function arguments; a product with 16 does
+    x = (x // 16) * 16
+  return x
 
 
 @triton.jit
-def _load_rows(ptr, offset, in_bounds, H: tl.constexpr):
-  """The [BLOCK, H] rows at `offset` (H contiguous elements each); 0 out of bounds."""
-  return tl.load(ptr + offset[:, None] + tl.arange(0, H)[None, :], mask=in_bounds[:, None], other=0.0)
+def _row_offsets(perm_ptr, slot, in_bounds, b, n, ROWS, N: tl.constexpr, H: tl.constexpr):
+  """(element offsets, holds a row) of the rows of head (b, n) that slots `slot` read
+  through perm; ROWS is the length of the row axis (T or S)."""
+  row = tl.load(perm_ptr + slot, mask=in_bounds, other=-1)
+  return ((b * ROWS + tl.maximum(row, 0)).to(tl.int64) * N + n) * H, row >= 0
+
+
+@triton.jit
+def _load_rows(ptr, offset, valid, H: tl.constexpr):
+  """The [BLOCK, H] rows at `offset` (H contiguous elements each); 0 where not valid."""
+  return tl.load(ptr + offset[:, None] + tl.arange(0, H)[None, :], mask=valid[:, None], other=0.0)
 
 
 @triton.jit
@@ -57,38 +72,67 @@ def _token_keys(idx_ptr, hash_ptr, slot, in_bounds, PAD: tl.constexpr, HASHED: t
 
 
 @triton.jit
-def _plan_part(start_ptr, end_ptr, full_start_ptr, full_end_ptr, tile, PART: tl.constexpr):
-  """Bounds of part PART of a tile's range: 0 masked, 1 full (no mask), 2 masked."""
-  if PART == 0:
-    lo = tl.load(start_ptr + tile)
-    hi = tl.load(full_start_ptr + tile)
-  elif PART == 1:
-    lo = tl.load(full_start_ptr + tile)
-    hi = tl.load(full_end_ptr + tile)
-  else:
-    lo = tl.load(full_end_ptr + tile)
-    hi = tl.load(end_ptr + tile)
-  return lo, hi
+def _mask_by_keys(x, fill, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds,
+                  HASHED: tl.constexpr, STRICT: tl.constexpr):  # fmt: skip
+  """x [BLOCK_M, BLOCK_N] (query-major) with disallowed pairs set to `fill`; loads the keys' slots."""
+  k_idx, k_hash = _token_keys(k_idx_ptr, k_hash_ptr, slot, in_bounds, K_PAD, HASHED)
+  allowed = _allowed(q_idx[:, None], k_idx[None, :], q_hash[:, None], k_hash[None, :], HASHED, STRICT)
+  return tl.where(allowed, x, fill)
+
+
+@triton.jit
+def _mask_by_queries(x_t, fill, k_idx, k_hash, q_idx_ptr, q_hash_ptr, slot, in_bounds,
+                     HASHED: tl.constexpr, STRICT: tl.constexpr):  # fmt: skip
+  """x_t [BLOCK_N, BLOCK_M] (key-major) with disallowed pairs set to `fill`; loads the queries' slots."""
+  q_idx, q_hash = _token_keys(q_idx_ptr, q_hash_ptr, slot, in_bounds, -1, HASHED)
+  allowed = _allowed(q_idx[None, :], k_idx[:, None], q_hash[None, :], k_hash[:, None], HASHED, STRICT)
+  return tl.where(allowed, x_t, fill)
+
+
+@triton.jit
+def _parts(start_ptr, end_ptr, full_start_ptr, full_end_ptr, tile, PART: tl.constexpr, ONE_LOOP: tl.constexpr):
+  """(lo, hi, full_lo, full_hi) of loop PART over a tile's range.
+
+  ONE_LOOP: one part, the whole range, with the full sub-range in it. Otherwise part 0 is
+  the masked head, part 1 the full middle, part 2 the masked tail.
+  """
+  lo = tl.load(start_ptr + tile)
+  hi = tl.load(end_ptr + tile)
+  full_lo = tl.load(full_start_ptr + tile)
+  full_hi = tl.load(full_end_ptr + tile)
+  if not ONE_LOOP:
+    if PART == 0:
+      hi = full_lo
+      full_hi = full_lo
+    elif PART == 1:
+      lo = full_lo
+      hi = full_hi
+    else:
+      lo = full_hi
+      full_lo = full_hi
+  return lo, hi, full_lo, full_hi
 
 
 @triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, q, q_idx, q_hash,
-    k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, bh, b, n, lo, hi,
-    QK_SCALE: tl.constexpr, S: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
+    QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
 ):  # fmt: skip
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_bounds = slot < S
-    k_offset = _row_offsets(k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
-    k = _load_rows(k_ptr, k_offset, in_bounds, H)
-    v = _load_rows(v_ptr, k_offset, in_bounds, H)
+    in_bounds = slot < LK
+    k_offset, k_valid = _row_offsets(k_perm_ptr, slot, in_bounds, b, n, S, N, H)
+    k = _load_rows(k_ptr, k_offset, k_valid, H)
+    v = _load_rows(v_ptr, k_offset, k_valid, H)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
     if MASKED:
-      k_idx, k_hash = _token_keys(k_idx_ptr + bh * S, k_hash_ptr + bh * S, slot, in_bounds, K_PAD, HASHED)
-      allowed = _allowed(q_idx[:, None], k_idx[None, :], q_hash[:, None], k_hash[None, :], HASHED, STRICT)
-      s = tl.where(allowed, s, float("-inf"))
+      if BRANCH:
+        if (j < full_lo) | (j >= full_hi):
+          s = _mask_by_keys(s, float("-inf"), q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds, HASHED, STRICT)
+      else:
+        s = _mask_by_keys(s, float("-inf"), q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds, HASHED, STRICT)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
     alpha = tl.math.exp2(m_i - m_safe)
@@ -102,79 +146,68 @@ def _fwd_tiles(
 @triton.jit
 def scfa_fwd(
     q_ptr, k_ptr, v_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
-    start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr,
+    start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, T, S, LQ, LK,
     o_ptr, lse_ptr,
-    QK_SCALE: tl.constexpr, T: tl.constexpr, S: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr,
+    QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):  # fmt: skip
-  """One program per (query tile, batch * head): O and lse for BLOCK_M sorted queries."""
+  """One program per (query tile, batch * head): O and lse for BLOCK_M sorted query slots."""
+  LQ = _multiple_of_16(LQ, ALIGNED)
+  LK = _multiple_of_16(LK, ALIGNED)
   pid_m = tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // N
   n = bh % N
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-  in_bounds = slot < T
-  q_offset = _row_offsets(q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
-  q = _load_rows(q_ptr, q_offset, in_bounds, H)
-  q_idx, q_hash = _token_keys(q_idx_ptr + bh * T, q_hash_ptr + bh * T, slot, in_bounds, -1, HASHED)
-
+  in_bounds = slot < LQ
+  q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H)
+  q = _load_rows(q_ptr, q_offset, q_valid, H)
+  q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
   tile = bh * tl.num_programs(0) + pid_m
 
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_M], tl.float32)
   acc = tl.zeros([BLOCK_M, H], tl.float32)
-  # Masked tiles, full tiles without mask arithmetic, masked tiles.
-  for part in tl.static_range(3):
-    lo, hi = _plan_part(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part)
+  for part in tl.static_range(3 - 2 * ONE_LOOP):
+    lo, hi, full_lo, full_hi = _parts(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part, ONE_LOOP)
     acc, m_i, l_i = _fwd_tiles(
         acc, m_i, l_i, q, q_idx, q_hash,
-        k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, bh, b, n, lo, hi,
-        QK_SCALE, S, N, H, BLOCK_N, HASHED, STRICT, part != 1, PRECISION,
+        k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, PRECISION, part != 1, ONE_LOOP,
     )  # fmt: skip
 
   has_key = l_i > 0.0
   o = acc / tl.where(has_key, l_i, 1.0)[:, None]
   lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
-  tl.store(o_ptr + q_offset[:, None] + tl.arange(0, H)[None, :], o.to(o_ptr.dtype.element_ty), mask=in_bounds[:, None])
-  tl.store(lse_ptr + bh * T + slot, lse, mask=in_bounds)
-
-
-@triton.jit
-def _probabilities(
-    q, k, q_idx, k_idx, q_hash, k_hash, lse, QK_SCALE: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-  """Recomputed softmax P [BLOCK_M, BLOCK_N] of one tile from the saved base-2 lse."""
-  s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
-  p = tl.math.exp2(s - lse[:, None])
-  if MASKED:
-    p = tl.where(_allowed(q_idx[:, None], k_idx[None, :], q_hash[:, None], k_hash[None, :], HASHED, STRICT), p, 0.0)
-  return p
+  tl.store(o_ptr + q_offset[:, None] + tl.arange(0, H)[None, :], o.to(o_ptr.dtype.element_ty), mask=q_valid[:, None])
+  tl.store(lse_ptr + bh * LQ + slot, lse, mask=in_bounds)
 
 
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, k_idx, k_hash,
-    q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, bh, b, n, lo, hi,
-    QK_SCALE: tl.constexpr, T: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, b, n, T, LQ, lo, hi, full_lo, full_hi,
+    QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
 ):  # fmt: skip
   for i in range(lo, hi):
     slot = i * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_bounds = slot < T
-    q_offset = _row_offsets(q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
-    q = _load_rows(q_ptr, q_offset, in_bounds, H)
-    do = _load_rows(do_ptr, q_offset, in_bounds, H)
-    lse = tl.load(lse_ptr + bh * T + slot, mask=in_bounds, other=float("inf"))
-    delta = tl.load(delta_ptr + q_offset // H, mask=in_bounds, other=0.0)
-    q_idx, q_hash = _token_keys(q_idx_ptr + bh * T, q_hash_ptr + bh * T, slot, in_bounds, -1, HASHED)
+    in_bounds = slot < LQ
+    q_offset, q_valid = _row_offsets(q_perm_ptr, slot, in_bounds, b, n, T, N, H)
+    q = _load_rows(q_ptr, q_offset, q_valid, H)
+    do = _load_rows(do_ptr, q_offset, q_valid, H)
+    lse = tl.load(lse_ptr + slot, mask=in_bounds, other=float("inf"))
+    delta = tl.load(delta_ptr + slot, mask=in_bounds, other=0.0)
     # Key-major like Triton's tutorial: only loaded tiles get transposed, never computed ones.
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * QK_SCALE  # [BLOCK_N, BLOCK_M]
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASKED:
-      allowed = _allowed(q_idx[None, :], k_idx[:, None], q_hash[None, :], k_hash[:, None], HASHED, STRICT)
-      p_t = tl.where(allowed, p_t, 0.0)
+      if BRANCH:
+        if (i < full_lo) | (i >= full_hi):
+          p_t = _mask_by_queries(p_t, 0.0, k_idx, k_hash, q_idx_ptr, q_hash_ptr, slot, in_bounds, HASHED, STRICT)
+      else:
+        p_t = _mask_by_queries(p_t, 0.0, k_idx, k_hash, q_idx_ptr, q_hash_ptr, slot, in_bounds, HASHED, STRICT)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -185,59 +218,68 @@ def _dkdv_tiles(
 @triton.jit
 def scfa_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, do_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
-    lse_ptr, delta_ptr, start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr,
+    lse_ptr, delta_ptr, start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, S, LQ, LK,
     dk_ptr, dv_ptr,
-    SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, T: tl.constexpr, S: tl.constexpr, N: tl.constexpr,
-    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr,
+    SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):  # fmt: skip
-  """One program per (key tile, batch * head): dK and dV of BLOCK_N sorted keys.
+  """One program per (key tile, batch * head): dK and dV of BLOCK_N sorted key slots.
 
-  delta = rowsum(dO * O) comes in the original [B, T, N] layout.
+  delta = rowsum(dO * O) per sorted query slot, [B, N, LQ], as `scfa_bwd_dq` stores it.
   """
+  LQ = _multiple_of_16(LQ, ALIGNED)
+  LK = _multiple_of_16(LK, ALIGNED)
   pid_n = tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // N
   n = bh % N
   slot = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-  in_bounds = slot < S
-  k_offset = _row_offsets(k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
-  k = _load_rows(k_ptr, k_offset, in_bounds, H)
-  v = _load_rows(v_ptr, k_offset, in_bounds, H)
-  k_idx, k_hash = _token_keys(k_idx_ptr + bh * S, k_hash_ptr + bh * S, slot, in_bounds, K_PAD, HASHED)
-
+  in_bounds = slot < LK
+  k_offset, k_valid = _row_offsets(k_perm_ptr + bh * LK, slot, in_bounds, b, n, S, N, H)
+  k = _load_rows(k_ptr, k_offset, k_valid, H)
+  v = _load_rows(v_ptr, k_offset, k_valid, H)
+  k_idx, k_hash = _token_keys(k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, slot, in_bounds, K_PAD, HASHED)
   tile = bh * tl.num_programs(0) + pid_n
 
   dk = tl.zeros([BLOCK_N, H], tl.float32)
   dv = tl.zeros([BLOCK_N, H], tl.float32)
-  for part in tl.static_range(3):
-    lo, hi = _plan_part(start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, tile, part)
+  for part in tl.static_range(3 - 2 * ONE_LOOP):
+    lo, hi, full_lo, full_hi = _parts(start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, tile, part, ONE_LOOP)
     dk, dv = _dkdv_tiles(
         dk, dv, k, v, k_idx, k_hash,
-        q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, bh, b, n, lo, hi,
-        QK_SCALE, T, N, H, BLOCK_M, HASHED, STRICT, part != 1, PRECISION,
+        q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
+        delta_ptr + bh * LQ, b, n, T, LQ,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, PRECISION, part != 1, ONE_LOOP,
     )  # fmt: skip
 
   offsets = k_offset[:, None] + tl.arange(0, H)[None, :]
-  tl.store(dk_ptr + offsets, (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=in_bounds[:, None])
-  tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=in_bounds[:, None])
+  tl.store(dk_ptr + offsets, (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=k_valid[:, None])
+  tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=k_valid[:, None])
 
 
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse, delta, q_idx, q_hash,
-    k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, bh, b, n, lo, hi,
-    QK_SCALE: tl.constexpr, S: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
+    QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
 ):  # fmt: skip
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_bounds = slot < S
-    k_offset = _row_offsets(k_perm_ptr + bh * S, slot, in_bounds, b, n, S, N, H)
-    k = _load_rows(k_ptr, k_offset, in_bounds, H)
-    v = _load_rows(v_ptr, k_offset, in_bounds, H)
-    k_idx, k_hash = _token_keys(k_idx_ptr + bh * S, k_hash_ptr + bh * S, slot, in_bounds, K_PAD, HASHED)
-    p = _probabilities(q, k, q_idx, k_idx, q_hash, k_hash, lse, QK_SCALE, HASHED, STRICT, MASKED, PRECISION)
+    in_bounds = slot < LK
+    k_offset, k_valid = _row_offsets(k_perm_ptr, slot, in_bounds, b, n, S, N, H)
+    k = _load_rows(k_ptr, k_offset, k_valid, H)
+    v = _load_rows(v_ptr, k_offset, k_valid, H)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+      if BRANCH:
+        if (j < full_lo) | (j >= full_hi):
+          p = _mask_by_keys(p, 0.0, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds, HASHED, STRICT)
+      else:
+        p = _mask_by_keys(p, 0.0, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds, HASHED, STRICT)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -247,35 +289,42 @@ def _dq_tiles(
 @triton.jit
 def scfa_bwd_dq(
     q_ptr, k_ptr, v_ptr, do_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
-    lse_ptr, delta_ptr, start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr,
-    dq_ptr,
-    SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, T: tl.constexpr, S: tl.constexpr, N: tl.constexpr,
-    H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr,
+    lse_ptr, o_ptr, start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, T, S, LQ, LK,
+    dq_ptr, delta_ptr,
+    SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):  # fmt: skip
-  """One program per (query tile, batch * head): dQ of BLOCK_M sorted queries."""
+  """One program per (query tile, batch * head): dQ of BLOCK_M sorted query slots.
+
+  Also stores delta = rowsum(dO * O) per sorted slot for `scfa_bwd_dkdv`, which runs
+  after it: the rows are loaded here anyway, so delta costs no pass of its own.
+  """
+  LQ = _multiple_of_16(LQ, ALIGNED)
+  LK = _multiple_of_16(LK, ALIGNED)
   pid_m = tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // N
   n = bh % N
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-  in_bounds = slot < T
-  q_offset = _row_offsets(q_perm_ptr + bh * T, slot, in_bounds, b, n, T, N, H)
-  q = _load_rows(q_ptr, q_offset, in_bounds, H)
-  do = _load_rows(do_ptr, q_offset, in_bounds, H)
-  lse = tl.load(lse_ptr + bh * T + slot, mask=in_bounds, other=float("inf"))
-  delta = tl.load(delta_ptr + q_offset // H, mask=in_bounds, other=0.0)
-  q_idx, q_hash = _token_keys(q_idx_ptr + bh * T, q_hash_ptr + bh * T, slot, in_bounds, -1, HASHED)
-
+  in_bounds = slot < LQ
+  q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H)
+  q = _load_rows(q_ptr, q_offset, q_valid, H)
+  do = _load_rows(do_ptr, q_offset, q_valid, H)
+  delta = tl.sum(do.to(tl.float32) * _load_rows(o_ptr, q_offset, q_valid, H).to(tl.float32), 1)
+  tl.store(delta_ptr + bh * LQ + slot, delta, mask=in_bounds)
+  lse = tl.load(lse_ptr + bh * LQ + slot, mask=in_bounds, other=float("inf"))
+  q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
   tile = bh * tl.num_programs(0) + pid_m
 
   dq = tl.zeros([BLOCK_M, H], tl.float32)
-  for part in tl.static_range(3):
-    lo, hi = _plan_part(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part)
+  for part in tl.static_range(3 - 2 * ONE_LOOP):
+    lo, hi, full_lo, full_hi = _parts(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part, ONE_LOOP)
     dq = _dq_tiles(
         dq, q, do, lse, delta, q_idx, q_hash,
-        k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, bh, b, n, lo, hi,
-        QK_SCALE, S, N, H, BLOCK_N, HASHED, STRICT, part != 1, PRECISION,
+        k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, PRECISION, part != 1, ONE_LOOP,
     )  # fmt: skip
   offsets = q_offset[:, None] + tl.arange(0, H)[None, :]
-  tl.store(dq_ptr + offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty), mask=in_bounds[:, None])
+  tl.store(dq_ptr + offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 from jax.ad_checkpoint import checkpoint_name
@@ -36,6 +36,7 @@ class AttentionConfig:
   implementation: Implementation
   strict: bool
   scale: float
+  kernel: Any = None  # triton_backend.KernelConfig overriding the tile table (benchmarks); None: the table
 
 
 _BACKEND_MODULES = {

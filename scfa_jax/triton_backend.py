@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scfa_jax import plan as plan_lib
+from scfa_jax import sorting
 from scfa_jax.sorting import SortedTokens
 
 LOG2E = math.log2(math.e)
@@ -42,25 +43,44 @@ class KernelConfig:
   num_stages: int = 2
   bwd_num_warps: int = 4
   bwd_num_stages: int = 2
+  one_loop: bool = False  # one pipelined loop per range that branches on full tiles, not three loops
+  align_buckets: bool = True  # hashed tokens: pad each bucket's run to a tile boundary (sorting.align_runs)
+
+  @property
+  def align(self) -> int:
+    """The tile size every kernel's tiles divide: where bucket runs start after align_runs."""
+    return max(self.block_m, self.block_n, self.block_m1, self.block_n1, self.block_m2, self.block_n2)
 
 
-# H100 (sm_90). Tile shapes after Triton's fused-attention tutorial: the backward keeps
-# the resident tile large (keys for dK/dV, queries for dQ) and streams small ones.
+# H100 / H200 (sm_90), measured in experiments/results/profile_h200_16k.json. Two shapes
+# of work: QK-sparse (and dense) ranges are long causal runs, best with 128-row tiles
+# and three loops whose mask-free middle has no branch (Triton's tutorial backward
+# tiles: dK/dV streams 32 queries past 128 keys, dQ 32 keys past 128 queries). Hash-
+# sparse ranges are short runs inside buckets aligned to 64: 64x64 tiles and one
+# software-pipelined loop (hash-64 at T=16384: kernels 5.8 -> 4.2 ms).
+_QK_CONFIG = KernelConfig(
+    block_m=128, block_n=64, block_m1=32, block_n1=128, block_m2=128, block_n2=32,
+    num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=5,
+)  # fmt: skip
+_HASH_CONFIG = dataclasses.replace(_QK_CONFIG, block_m=64, block_n1=64, block_m2=64, one_loop=True)
 _GPU_CONFIGS = {
-    h: KernelConfig(
-        block_m=128, block_n=64, block_m1=32, block_n1=128, block_m2=128, block_n2=32,
-        num_warps=8 if h == 128 else 4, num_stages=3,
-        bwd_num_warps=8 if h == 128 else 4, bwd_num_stages=3 if h == 128 else 5,
-    )
+    (h, hashed): config if h < 128 else dataclasses.replace(config, num_warps=8, bwd_num_warps=8, bwd_num_stages=3)
     for h in HEAD_DIMS
-}  # fmt: skip
+    for hashed, config in ((False, _QK_CONFIG), (True, _HASH_CONFIG))
+}
 # The interpreter runs every program in numpy: small tiles keep tests fast and still
-# give several tiles per head at test lengths.
-_INTERPRET_CONFIG = KernelConfig(block_m=16, block_n=16, block_m1=16, block_n1=32, block_m2=32, block_n2=16)
+# give several tiles per head at test lengths; the loop structure follows the GPU's.
+_INTERPRET_CONFIGS = {
+    hashed: KernelConfig(block_m=16, block_n=16, block_m1=16, block_n1=32, block_m2=32, block_n2=16, one_loop=hashed)
+    for hashed in (False, True)
+}
 
 
-def kernel_config(implementation: str, head_dim: int) -> KernelConfig:
-  return _INTERPRET_CONFIG if implementation == "interpret" else _GPU_CONFIGS[head_dim]
+def kernel_config(implementation: str, head_dim: int, hashed: bool) -> KernelConfig:
+  """The tile table's entry: per head dim on GPUs, and per mode (hashed or not)."""
+  if implementation == "interpret":
+    return _INTERPRET_CONFIGS[hashed]
+  return _GPU_CONFIGS[head_dim, hashed]
 
 
 def _kernels():
@@ -151,7 +171,8 @@ def check_supported(implementation: str, q: jax.Array) -> None:
 
 
 def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps, num_stages, **meta):
-  """Runs `kernel` on `grid` with `inputs` then outputs as pointers and `meta` as constexprs."""
+  """Runs `kernel` on `grid` with `inputs` (arrays and int scalars) then outputs as pointers,
+  and `meta` as constexprs."""
   if implementation == "triton":
     jt = _jax_triton()
     # jax-triton 0.3 calls the output spec out_shape, 0.4 calls it out_type.
@@ -161,65 +182,138 @@ def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps
         **{spec: out_shapes}, **meta,
     )  # fmt: skip
 
+  is_array = [not isinstance(x, int) for x in inputs]
+
   def run_on_host(*arrays):
     import torch  # noqa: PLC0415
 
-    tensors = [torch.from_numpy(np.array(a)) for a in arrays]
+    tensors = iter(torch.from_numpy(np.array(a)) for a in arrays)
+    args = [next(tensors) if array else x for x, array in zip(inputs, is_array, strict=True)]
     # NaN-poisoned outputs: a row the kernel forgets to write fails every test.
     outputs = [torch.full(s.shape, float("nan"), dtype=getattr(torch, str(s.dtype))) for s in out_shapes]
     with _interpreting():
-      _interpreted(kernel.fn)[grid](*tensors, *outputs, **meta)
+      _interpreted(kernel.fn)[grid](*args, *outputs, **meta)
     return tuple(o.numpy() for o in outputs)
 
-  return jax.pure_callback(run_on_host, tuple(out_shapes), *inputs, vmap_method="sequential")
+  arrays = [x for x, array in zip(inputs, is_array, strict=True) if array]
+  return jax.pure_callback(run_on_host, tuple(out_shapes), *arrays, vmap_method="sequential")
 
 
-def _common(config, q, k, tokens: SortedTokens):
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """What every launch shares: tiles, per-slot index arrays, lengths and constexprs."""
+
+  tiles: KernelConfig
+  bn: int
+  indices: tuple
+  lengths: tuple[int, int]
+  meta: dict
+
+
+def _padding_budget(length: int, align: int) -> int:
+  """Slots `align_runs` may insert: room for 64 worst-case bucket runs, at most about a
+  quarter of the length (the extra tiles are empty but still launched and planned)."""
+  return align * min(64, max(1, length // (4 * align)))
+
+
+def _tiles(config, head_dim: int, tokens: SortedTokens) -> KernelConfig:
+  return config.kernel or kernel_config(config.implementation, head_dim, tokens.hashed)
+
+
+def _aligned(config, q, tokens: SortedTokens) -> SortedTokens:
+  tiles = _tiles(config, q.shape[-1], tokens)
+  if not (tokens.hashed and tiles.align_buckets):
+    return tokens
+  length = max(tokens.q_perm.shape[-1], tokens.k_perm.shape[-1])
+  return sorting.align_runs(tokens, tiles.align, _padding_budget(length, tiles.align))
+
+
+def _call(config, q, k, tokens: SortedTokens) -> _Call:
   b, t, n, h = q.shape
-  s = k.shape[1]
   hashes = (tokens.q_hash, tokens.k_hash) if tokens.hashed else (tokens.q_idx, tokens.k_idx)
   meta = dict(
-      QK_SCALE=config.scale * LOG2E, T=t, S=s, N=n, H=h, HASHED=tokens.hashed, STRICT=config.strict,
+      QK_SCALE=config.scale * LOG2E, N=n, H=h, HASHED=tokens.hashed, STRICT=config.strict,
       PRECISION="ieee" if q.dtype == jnp.float32 else "tf32",
   )  # fmt: skip
+  lengths = (t, k.shape[1], tokens.q_perm.shape[-1], tokens.k_perm.shape[-1])  # rows, then slots
+  meta["ALIGNED"] = all(x % 16 == 0 for x in lengths)
   indices = (tokens.q_perm, tokens.k_perm, tokens.q_idx, tokens.k_idx, *hashes)
-  return b * n, kernel_config(config.implementation, h), indices, meta
+  return _Call(_tiles(config, h, tokens), b * n, indices, lengths, meta)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Plans:
+  """The tile plans of the three kernels (each has its own tile shape)."""
+
+  fwd: plan_lib.TilePlan
+  dkdv: plan_lib.TilePlan
+  dq: plan_lib.TilePlan
+
+
+def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
+  """The forward plan, and with `backward` the dK/dV and dQ plans, for `config`'s tiles."""
+  tiles = _tiles(config, q.shape[-1], tokens)
+  make = lambda bq, bk: plan_lib.make_plan(tokens, block_q=bq, block_k=bk, strict=config.strict)
+  if not backward:
+    return Plans(make(tiles.block_m, tiles.block_n), None, None)
+  return Plans(None, make(tiles.block_m1, tiles.block_n1), make(tiles.block_m2, tiles.block_n2))
+
+
+def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
+  """O [B, T, N, H] at original rows and the base-2 lse [B, N, LQ] of each sorted query slot."""
+  c = _call(config, q, k, tokens)
+  b, n, t = tokens.q_perm.shape
+  return _launch(
+      config.implementation, _kernels().scfa_fwd, name="scfa_fwd", grid=(plan.num_q_tiles, c.bn),
+      inputs=(q, k, v, *c.indices, plan.start_n, plan.end_n, plan.full_start_n, plan.full_end_n, *c.lengths),
+      out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
+      num_warps=c.tiles.num_warps, num_stages=c.tiles.num_stages,
+      BLOCK_M=c.tiles.block_m, BLOCK_N=c.tiles.block_n, ONE_LOOP=c.tiles.one_loop, **c.meta,
+  )  # fmt: skip
+
+
+def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, out_shapes, block_m, block_n):
+  return _launch(
+      config.implementation, kernel, name=name, grid=grid,
+      inputs=(*operands[:4], *c.indices, *operands[4:], *plan_ranges, *c.lengths), out_shapes=out_shapes,
+      num_warps=c.tiles.bwd_num_warps, num_stages=c.tiles.bwd_num_stages,
+      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_LOOP=c.tiles.one_loop, **c.meta,
+  )  # fmt: skip
+
+
+def dq_kernel(config, q, k, v, tokens, o, lse, do, plan: plan_lib.TilePlan):
+  """dQ [B, T, N, H] at original rows, and delta = rowsum(dO * O) [B, N, LQ] per sorted slot."""
+  c = _call(config, q, k, tokens)
+  b, n, t = tokens.q_perm.shape
+  return _bwd_launch(
+      config, c, _kernels().scfa_bwd_dq, (plan.start_n, plan.end_n, plan.full_start_n, plan.full_end_n),
+      name="scfa_bwd_dq", grid=(plan.num_q_tiles, c.bn), operands=(q, k, v, do, lse, o),
+      out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
+      block_m=c.tiles.block_m2, block_n=c.tiles.block_n2,
+  )  # fmt: skip
+
+
+def dkdv_kernel(config, q, k, v, tokens, lse, delta, do, plan: plan_lib.TilePlan):
+  """dK, dV [B, S, N, H] at original rows; one program per key tile."""
+  c = _call(config, q, k, tokens)
+  return _bwd_launch(
+      config, c, _kernels().scfa_bwd_dkdv, (plan.start_m, plan.end_m, plan.full_start_m, plan.full_end_m),
+      name="scfa_bwd_dkdv", grid=(plan.num_k_tiles, c.bn), operands=(q, k, v, do, lse, delta),
+      out_shapes=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      block_m=c.tiles.block_m1, block_n=c.tiles.block_n1,
+  )  # fmt: skip
 
 
 def forward(config, q, k, v, tokens: SortedTokens):
-  """O [B, T, N, H] at original rows and the base-2 lse [B, N, T] of each sorted query slot."""
-  bn, kc, indices, meta = _common(config, q, k, tokens)
-  plan = plan_lib.make_plan(tokens, block_q=kc.block_m, block_k=kc.block_n, strict=config.strict)
-  b, t, n, _ = q.shape
-  return _launch(
-      config.implementation, _kernels().scfa_fwd, name="scfa_fwd", grid=(plan.num_q_tiles, bn),
-      inputs=(q, k, v, *indices, plan.start_n, plan.end_n, plan.full_start_n, plan.full_end_n),
-      out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
-      num_warps=kc.num_warps, num_stages=kc.num_stages,
-      BLOCK_M=kc.block_m, BLOCK_N=kc.block_n, **meta,
-  )  # fmt: skip
+  tokens = _aligned(config, q, tokens)
+  plans = make_plans(config, q, tokens, backward=False)
+  return fwd_kernel(config, q, k, v, tokens, plans.fwd)
 
 
 def backward(config, q, k, v, tokens: SortedTokens, o, lse, do):
-  bn, kc, indices, meta = _common(config, q, k, tokens)
-  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, T, N]
-  operands = (q, k, v, do, *indices, lse, delta)
-  launch = functools.partial(
-      _launch, config.implementation, num_warps=kc.bwd_num_warps, num_stages=kc.bwd_num_stages,
-      SM_SCALE=config.scale, **meta,
-  )  # fmt: skip
-  by_key = plan_lib.make_plan(tokens, block_q=kc.block_m1, block_k=kc.block_n1, strict=config.strict)
-  dk, dv = launch(
-      _kernels().scfa_bwd_dkdv, name="scfa_bwd_dkdv", grid=(by_key.num_k_tiles, bn),
-      inputs=(*operands, by_key.start_m, by_key.end_m, by_key.full_start_m, by_key.full_end_m),
-      out_shapes=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      BLOCK_M=kc.block_m1, BLOCK_N=kc.block_n1,
-  )  # fmt: skip
-  by_query = plan_lib.make_plan(tokens, block_q=kc.block_m2, block_k=kc.block_n2, strict=config.strict)
-  (dq,) = launch(
-      _kernels().scfa_bwd_dq, name="scfa_bwd_dq", grid=(by_query.num_q_tiles, bn),
-      inputs=(*operands, by_query.start_n, by_query.end_n, by_query.full_start_n, by_query.full_end_n),
-      out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype),),
-      BLOCK_M=kc.block_m2, BLOCK_N=kc.block_n2,
-  )  # fmt: skip
+  tokens = _aligned(config, q, tokens)  # recomputed: cheaper to redo than to keep
+  plans = make_plans(config, q, tokens, backward=True)
+  dq, delta = dq_kernel(config, q, k, v, tokens, o, lse, do, plans.dq)
+  dk, dv = dkdv_kernel(config, q, k, v, tokens, lse, delta, do, plans.dkdv)
   return dq, dk, dv
