@@ -65,8 +65,10 @@ def make_case(name, b, t, n, seed):
   mode, param = CASES[name]
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
   if mode == "hash":
-    q_masks = jax.random.randint(k1, (b, t, n), 0, param)
-    k_masks = jax.random.randint(k2, (b, t, n), 0, param)
+    # In the dtype lsh_buckets gives for this many buckets (uint8), which sets the sort's key width.
+    dtype = scfa_jax.lsh.bucket_dtype(param)
+    q_masks = jax.random.randint(k1, (b, t, n), 0, param, dtype)
+    k_masks = jax.random.randint(k2, (b, t, n), 0, param, dtype)
     fn = lambda q, k, v, qm, km: scfa_jax.hash_sparse_attention(q, k, v, q_buckets=qm, k_buckets=km)
     density = 1.0 / param
   else:

@@ -1,0 +1,153 @@
+"""Where the time goes: GPU time of each stage of the public function, per kernel variant.
+
+For each case at one T (B=4, N=48, H=64, bf16 unless told), runs forward+backward of the
+public function (sort, plans, kernels) under CUPTI (through torch.profiler, which records
+every kernel in the process, JAX's and jax-triton's too) and sums GPU time per stage:
+the sort, the other XLA kernels (tile plans, bucket alignment, casts), and each SCFA
+kernel. The wall time (do_bench median, dispatch included) is reported next to it, and
+next to cuDNN. Tile configs (VARIANTS: a `KernelConfig` per head dim and mode) run side
+by side, their outputs checked against the first's.
+
+  python experiments/profile_attention.py --seq_len=16384 --cases=all,hash16,hash64,drop70 \
+      --out=profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench_attention import CASES, make_case, timings, versions
+from scfa_jax import core, sorting, triton_backend
+
+VARIANTS = {
+    "table": lambda h, hashed: triton_backend.kernel_config("triton", h, hashed),
+    "qk_table": lambda h, hashed: triton_backend.kernel_config("triton", h, False),
+    "hash_table": lambda h, hashed: triton_backend.kernel_config("triton", h, True),
+    "hash_table_split": lambda h, hashed: dataclasses.replace(
+        triton_backend.kernel_config("triton", h, True), one_loop=False
+    ),
+    "hash_table_unaligned": lambda h, hashed: dataclasses.replace(
+        triton_backend.kernel_config("triton", h, True), align_buckets=False
+    ),
+}
+
+
+def stage(kernel_name: str) -> str:
+  for name in ("scfa_fwd", "scfa_bwd_dq", "scfa_bwd_dkdv"):
+    if name in kernel_name:
+      return name
+  if any(word in kernel_name.lower() for word in ("sort", "radix", "cub::")):
+    return "sort"
+  return "xla_other"
+
+
+def gpu_ms(fn, *args, iters: int = 5) -> dict[str, float]:
+  """GPU milliseconds per call of fn(*args), summed per `stage` of the kernel names."""
+  import torch  # noqa: PLC0415  (its profiler reads CUPTI for the whole process)
+  from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+  jax.block_until_ready(fn(*args))
+  with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(iters):
+      jax.block_until_ready(fn(*args))
+  totals = collections.Counter()
+  for event in prof.key_averages():
+    us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+    totals[stage(event.key)] += us / 1e3 / iters
+  totals["gpu_total"] = sum(totals.values())
+  return dict(totals)
+
+
+def _sort(mode, q_masks, k_masks) -> sorting.SortedTokens:
+  return sorting.by_bucket(q_masks, k_masks) if mode == "hash" else sorting.by_keep_mask(q_masks, k_masks)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def profile_case(case, q, k, v, t, rep_ms, variants):
+  b, _, n, h = q.shape
+  mode = CASES[case][0]
+  _, qm, km, density = make_case(case, b, t, n, seed=t)
+  do = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
+  rows, reference = [], None
+  for variant, make_tiles in variants.items():
+    tiles = make_tiles(h, mode == "hash")
+    config = core.AttentionConfig(implementation="triton", strict=False, scale=h**-0.5, kernel=tiles)
+
+    def attention(q, k, v, qm, km, config=config):  # the public function with `tiles`
+      return core.attention(q, k, v, _sort(mode, qm, km), config)
+
+    def fwd_bwd(q, k, v, do, qm, km, attention=attention):
+      out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, qm, km), q, k, v)
+      return out, vjp(do)
+
+    outs = jax.jit(fwd_bwd)(q, k, v, do, qm, km)
+    errors = {}
+    if reference is None:
+      reference = outs
+    else:
+      errors = {f"rel_err_{x}": _rel(a, r) for x, a, r in zip("oqkv", jax.tree.leaves(outs), jax.tree.leaves(reference))}
+    row = dict(case=case, T=t, variant=variant, density=density, **timings(attention, q, k, v, qm, km, rep_ms=rep_ms))
+    row["gpu_fwd_bwd_ms"] = gpu_ms(jax.jit(fwd_bwd), q, k, v, do, qm, km)
+    tokens = jax.jit(functools.partial(_sort, mode))(qm, km)
+    plans = jax.jit(lambda tokens: [triton_backend.make_plans(config, q, tokens, backward=bwd) for bwd in (0, 1)])
+    row["gpu_plans_ms"] = gpu_ms(plans, tokens)["gpu_total"]
+    plan = plans(tokens)[0].fwd
+    row["visited_tile_fraction_fwd"] = float(jnp.mean((plan.end_n - plan.start_n).astype(jnp.float32))) / plan.num_k_tiles
+    rows.append(dict(row, **errors))
+  return rows
+
+
+def _print(row):
+  gpu = " ".join(f"{key}={val:.3f}" for key, val in sorted(row.get("gpu_fwd_bwd_ms", {}).items()))
+  errors = " ".join(f"{key[8:]}={val:.1e}" for key, val in row.items() if key.startswith("rel_err"))
+  if "gpu_plans_ms" in row:
+    gpu += f" (plans alone {row['gpu_plans_ms']:.3f})"
+  print(
+      f"{row['case']:7s} {row.get('variant', ''):15s} fwd {row['fwd_ms']:7.3f} bwd {row['bwd_ms']:7.3f} "
+      f"fwd+bwd {row['fwd_bwd_ms']:7.3f} ms | GPU: {gpu} {errors}",
+      flush=True,
+  )
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--seq_len", type=int, default=16384)
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--heads", type=int, default=48)
+  parser.add_argument("--head_dim", type=int, default=64)
+  parser.add_argument("--cases", default="all,hash2,hash16,hash64,drop70")
+  parser.add_argument("--variants", default="table")
+  parser.add_argument("--rep_ms", type=int, default=100)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  b, n, h, t = args.batch, args.heads, args.head_dim, args.seq_len
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (b, t, n, h), jnp.bfloat16) for i in range(3))
+  info = versions()
+  print(json.dumps(info), flush=True)
+  dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  rows = [dict(case="cudnn", T=t, **timings(dense, q, k, v, rep_ms=args.rep_ms))]
+  _print(rows[0])
+  variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+  for case in args.cases.split(","):
+    for row in profile_case(case, q, k, v, t, args.rep_ms, variants):
+      _print(row)
+      rows.append(row)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(dict(versions=info, batch=b, heads=n, head_dim=h, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
