@@ -72,21 +72,32 @@ def _token_keys(idx_ptr, hash_ptr, slot, in_bounds, PAD: tl.constexpr, HASHED: t
 
 
 @triton.jit
-def _mask_by_keys(x, fill, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds,
-                  HASHED: tl.constexpr, STRICT: tl.constexpr):  # fmt: skip
-  """x [BLOCK_M, BLOCK_N] (query-major) with disallowed pairs set to `fill`; loads the keys' slots."""
-  k_idx, k_hash = _token_keys(k_idx_ptr, k_hash_ptr, slot, in_bounds, K_PAD, HASHED)
-  allowed = _allowed(q_idx[:, None], k_idx[None, :], q_hash[:, None], k_hash[None, :], HASHED, STRICT)
+def _masked(x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
+            QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr):  # fmt: skip
+  """x with disallowed pairs set to `fill`. The rows of x are the program's own tokens
+  (queries if QUERY_ROWS, else keys); its columns are the streamed tile's, at `slot`."""
+  if QUERY_ROWS:
+    k_idx, k_hash = _token_keys(other_idx_ptr, other_hash_ptr, slot, in_bounds, K_PAD, HASHED)
+    allowed = _allowed(own_idx[:, None], k_idx[None, :], own_hash[:, None], k_hash[None, :], HASHED, STRICT)
+  else:
+    q_idx, q_hash = _token_keys(other_idx_ptr, other_hash_ptr, slot, in_bounds, -1, HASHED)
+    allowed = _allowed(q_idx[None, :], own_idx[:, None], q_hash[None, :], own_hash[:, None], HASHED, STRICT)
   return tl.where(allowed, x, fill)
 
 
 @triton.jit
-def _mask_by_queries(x_t, fill, k_idx, k_hash, q_idx_ptr, q_hash_ptr, slot, in_bounds,
-                     HASHED: tl.constexpr, STRICT: tl.constexpr):  # fmt: skip
-  """x_t [BLOCK_N, BLOCK_M] (key-major) with disallowed pairs set to `fill`; loads the queries' slots."""
-  q_idx, q_hash = _token_keys(q_idx_ptr, q_hash_ptr, slot, in_bounds, -1, HASHED)
-  allowed = _allowed(q_idx[None, :], k_idx[:, None], q_hash[None, :], k_hash[:, None], HASHED, STRICT)
-  return tl.where(allowed, x_t, fill)
+def _mask_tile(x, fill, tile, full_lo, full_hi, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
+               QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr,
+               MASKED: tl.constexpr, BRANCH: tl.constexpr):  # fmt: skip
+  """The in-tile mask where the plan asks for it: every tile of a masked loop, or with
+  BRANCH (one loop over the whole range) the tiles outside [full_lo, full_hi)."""
+  if MASKED:
+    if BRANCH:
+      if (tile < full_lo) | (tile >= full_hi):
+        x = _masked(x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds, QUERY_ROWS, HASHED, STRICT)
+    else:
+      x = _masked(x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds, QUERY_ROWS, HASHED, STRICT)
+  return x
 
 
 @triton.jit
@@ -127,12 +138,10 @@ def _fwd_tiles(
     k = _load_rows(k_ptr, k_offset, k_valid, H)
     v = _load_rows(v_ptr, k_offset, k_valid, H)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
-    if MASKED:
-      if BRANCH:
-        if (j < full_lo) | (j >= full_hi):
-          s = _mask_by_keys(s, float("-inf"), q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds, HASHED, STRICT)
-      else:
-        s = _mask_by_keys(s, float("-inf"), q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds, HASHED, STRICT)
+    s = _mask_tile(
+        s, float("-inf"), j, full_lo, full_hi, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds,
+        True, HASHED, STRICT, MASKED, BRANCH,
+    )  # fmt: skip
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
     alpha = tl.math.exp2(m_i - m_safe)
@@ -202,12 +211,10 @@ def _dkdv_tiles(
     # Key-major like Triton's tutorial: only loaded tiles get transposed, never computed ones.
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * QK_SCALE  # [BLOCK_N, BLOCK_M]
     p_t = tl.math.exp2(s_t - lse[None, :])
-    if MASKED:
-      if BRANCH:
-        if (i < full_lo) | (i >= full_hi):
-          p_t = _mask_by_queries(p_t, 0.0, k_idx, k_hash, q_idx_ptr, q_hash_ptr, slot, in_bounds, HASHED, STRICT)
-      else:
-        p_t = _mask_by_queries(p_t, 0.0, k_idx, k_hash, q_idx_ptr, q_hash_ptr, slot, in_bounds, HASHED, STRICT)
+    p_t = _mask_tile(
+        p_t, 0.0, i, full_lo, full_hi, k_idx, k_hash, q_idx_ptr, q_hash_ptr, slot, in_bounds,
+        False, HASHED, STRICT, MASKED, BRANCH,
+    )  # fmt: skip
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -274,12 +281,10 @@ def _dq_tiles(
     v = _load_rows(v_ptr, k_offset, k_valid, H)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
     p = tl.math.exp2(s - lse[:, None])
-    if MASKED:
-      if BRANCH:
-        if (j < full_lo) | (j >= full_hi):
-          p = _mask_by_keys(p, 0.0, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds, HASHED, STRICT)
-      else:
-        p = _mask_by_keys(p, 0.0, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds, HASHED, STRICT)
+    p = _mask_tile(
+        p, 0.0, j, full_lo, full_hi, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds,
+        True, HASHED, STRICT, MASKED, BRANCH,
+    )  # fmt: skip
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
