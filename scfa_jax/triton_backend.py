@@ -52,7 +52,7 @@ class KernelConfig:
     return max(self.block_m, self.block_n, self.block_m1, self.block_n1, self.block_m2, self.block_n2)
 
 
-# H100 / H200 (sm_90), measured in experiments/results/profile_h200_16k.json. Two shapes
+# H100 / H200 (sm_90), measured in experiments/results/profile_h200_16k_tiles.json. Two shapes
 # of work: QK-sparse (and dense) ranges are long causal runs, best with 128-row tiles
 # and three loops whose mask-free middle has no branch (Triton's tutorial backward
 # tiles: dK/dV streams 32 queries past 128 keys, dQ 32 keys past 128 queries). Hash-
