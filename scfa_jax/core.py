@@ -6,9 +6,10 @@ Every backend module provides
     backward(config, q, k, v, tokens, o, lse, do) -> (dq, dk, dv)
 
 with q [B, T, N, H], k and v [B, S, N, H] and o, dq, dk, dv in that original layout,
-`tokens` a `SortedTokens`, and lse the float32 log-sum-exp of each sorted query slot,
-[B, N, T], +inf for a slot with no allowed key. Its base (e or 2) is the backend's
-own business between its forward and backward.
+`tokens` a `SortedTokens`, and lse the float32 log-sum-exp of each query slot, +inf for
+a slot with no allowed key. Its slots (the Triton backend's are bucket-aligned, more
+than T) and its base (e or 2) are the backend's own business between its forward and
+backward.
 """
 
 from __future__ import annotations

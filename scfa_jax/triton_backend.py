@@ -206,7 +206,7 @@ class _Call:
   tiles: KernelConfig
   bn: int
   indices: tuple
-  lengths: tuple[int, int]
+  lengths: tuple[int, int, int, int]  # T, S (rows); LQ, LK (slots)
   meta: dict
 
 
