@@ -188,7 +188,9 @@ def hash_sparse_attention(
   Args:
     q: [B, T, N, H]. k, v: [B, S, N, H].
     q_buckets: int [B, T, N]. k_buckets: int [B, S, N]; any non-negative ints,
-      e.g. from `lsh_buckets`. (Values are checked outside jit only.)
+      e.g. from `lsh_buckets`. (Values are checked outside jit only.) The sort is a
+      radix sort over the buckets' own dtype: uint8, which `lsh_buckets` gives for up
+      to 256 buckets, takes one pass; int32 four.
     strict, scale, implementation: as in `sparse_causal_attention`.
   """
   _check_qkv(q, k, v)
