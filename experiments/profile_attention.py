@@ -97,14 +97,19 @@ def profile_case(case, q, k, v, t, rep_ms, variants):
     if reference is None:
       reference = outs
     else:
-      errors = {f"rel_err_{x}": _rel(a, r) for x, a, r in zip("oqkv", jax.tree.leaves(outs), jax.tree.leaves(reference))}
-    row = dict(case=case, T=t, variant=variant, density=density, **timings(attention, q, k, v, qm, km, rep_ms=rep_ms))
+      pairs = zip("oqkv", jax.tree.leaves(outs), jax.tree.leaves(reference), strict=True)
+      errors = {f"rel_err_{x}": _rel(a, r) for x, a, r in pairs}
+    row = dict(case=case, T=t, variant=variant, density=density)
+    row.update(timings(attention, q, k, v, qm, km, rep_ms=rep_ms))
     row["gpu_fwd_bwd_ms"] = gpu_ms(jax.jit(fwd_bwd), q, k, v, do, qm, km)
     tokens = jax.jit(functools.partial(_sort, mode))(qm, km)
-    plans = jax.jit(lambda tokens: [triton_backend.make_plans(config, q, tokens, backward=bwd) for bwd in (0, 1)])
+    plans = jax.jit(
+        lambda tokens: [triton_backend.make_plans(config, q, tokens, backward=bwd) for bwd in (False, True)]
+    )
     row["gpu_plans_ms"] = gpu_ms(plans, tokens)["gpu_total"]
     plan = plans(tokens)[0].fwd
-    row["visited_tile_fraction_fwd"] = float(jnp.mean((plan.end_n - plan.start_n).astype(jnp.float32))) / plan.num_k_tiles
+    visited = jnp.mean((plan.end_n - plan.start_n).astype(jnp.float32))
+    row["visited_tile_fraction_fwd"] = float(visited) / plan.num_k_tiles
     rows.append(dict(row, **errors))
   return rows
 

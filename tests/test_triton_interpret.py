@@ -40,6 +40,26 @@ def test_hash(t, s, strict):
   )  # fmt: skip
 
 
+def test_hash_without_bucket_alignment():
+  """KernelConfig(align_buckets=False): tiles straddle buckets and the in-tile mask does the work."""
+  import dataclasses  # noqa: PLC0415
+
+  from scfa_jax import core, sorting, triton_backend  # noqa: PLC0415
+
+  key = jax.random.PRNGKey(11)
+  b, t, s, n = 2, 70, 53, 2
+  q, k, v = _qkv(key, b, t, s, n, H)
+  qb, kb = _buckets(jax.random.fold_in(key, 1), (b, t, n), 3), _buckets(jax.random.fold_in(key, 2), (b, s, n), 3)
+  tiles = dataclasses.replace(triton_backend.kernel_config(IMPL, H, True), align_buckets=False)
+  config = core.AttentionConfig(implementation=IMPL, strict=True, scale=H**-0.5, kernel=tiles)
+  assert triton_backend._aligned(config, q, sorting.by_bucket(qb, kb)).q_perm.shape[-1] == t  # no padding
+  _check_against(
+      lambda q, k, v: core.attention(q, k, v, sorting.by_bucket(qb, kb), config),
+      functools.partial(reference.hash_sparse_attention, q_buckets=qb, k_buckets=kb, strict=True),
+      (q, k, v), jnp.float32, key,
+  )  # fmt: skip
+
+
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3, 0.9, 1.0])
 def test_qk_drop(drop_rate):
   key = jax.random.PRNGKey(int(drop_rate * 10))
