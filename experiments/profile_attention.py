@@ -5,8 +5,8 @@ public function (sort, plans, kernels) under CUPTI (through torch.profiler, whic
 every kernel in the process, JAX's and jax-triton's too) and sums GPU time per stage:
 the sort, the other XLA kernels (tile plans, bucket alignment, casts), and each SCFA
 kernel. The wall time (do_bench median, dispatch included) is reported next to it, and
-next to cuDNN. Tile configs (VARIANTS: a `KernelConfig` per head dim and mode) run side
-by side, their outputs checked against the first's.
+next to cuDNN. Tile configs (variants: a `KernelConfig` per head dim and mode) run side
+by side, their outputs checked against the first's (see `variant` for the spelling).
 
   python experiments/profile_attention.py --seq_len=16384 --cases=all,hash16,hash64,drop70 \
       --out=profile.json
@@ -27,17 +27,21 @@ import numpy as np
 from experiments.bench_attention import CASES, make_case, timings, versions
 from scfa_jax import core, sorting, triton_backend
 
-VARIANTS = {
+BASES = {
     "table": lambda h, hashed: triton_backend.kernel_config("triton", h, hashed),
     "qk_table": lambda h, hashed: triton_backend.kernel_config("triton", h, False),
     "hash_table": lambda h, hashed: triton_backend.kernel_config("triton", h, True),
-    "hash_table_split": lambda h, hashed: dataclasses.replace(
-        triton_backend.kernel_config("triton", h, True), one_loop=False
-    ),
-    "hash_table_unaligned": lambda h, hashed: dataclasses.replace(
-        triton_backend.kernel_config("triton", h, True), align_buckets=False
-    ),
 }
+
+
+def variant(spec: str):
+  """A tile config per (head dim, hashed) from `base` or `base+field=value+...`, e.g.
+  `hash_table+num_stages=2+align_buckets=1`: a table entry with KernelConfig fields replaced."""
+  base, *overrides = spec.split("+")
+  fields = {name: int(value) for name, value in (o.split("=") for o in overrides)}
+  kinds = {f.name: f.type for f in dataclasses.fields(triton_backend.KernelConfig)}
+  fields = {name: bool(value) if kinds[name] in (bool, "bool") else value for name, value in fields.items()}
+  return lambda h, hashed: dataclasses.replace(BASES[base](h, hashed), **fields)
 
 
 def stage(kernel_name: str) -> str:
@@ -49,8 +53,11 @@ def stage(kernel_name: str) -> str:
   return "xla_other"
 
 
-def gpu_ms(fn, *args, iters: int = 5) -> dict[str, float]:
-  """GPU milliseconds per call of fn(*args), summed per `stage` of the kernel names."""
+def gpu_ms(fn, *args, iters: int = 5, kernels: list | None = None) -> dict[str, float]:
+  """GPU milliseconds per call of fn(*args), summed per `stage` of the kernel names.
+
+  With `kernels` (a list), appends (name, launches per call, GPU ms per call) of every kernel.
+  """
   import torch  # noqa: PLC0415  (its profiler reads CUPTI for the whole process)
   from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
@@ -62,6 +69,8 @@ def gpu_ms(fn, *args, iters: int = 5) -> dict[str, float]:
   for event in prof.key_averages():
     us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
     totals[stage(event.key)] += us / 1e3 / iters
+    if kernels is not None and us:
+      kernels.append((event.key[:80], event.count / iters, us / 1e3 / iters))
   totals["gpu_total"] = sum(totals.values())
   return dict(totals)
 
@@ -75,7 +84,7 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def profile_case(case, q, k, v, t, rep_ms, variants):
+def profile_case(case, q, k, v, t, rep_ms, variants, list_kernels=False):
   b, _, n, h = q.shape
   mode = CASES[case][0]
   _, qm, km, density = make_case(case, b, t, n, seed=t)
@@ -101,13 +110,15 @@ def profile_case(case, q, k, v, t, rep_ms, variants):
       errors = {f"rel_err_{x}": _rel(a, r) for x, a, r in pairs}
     row = dict(case=case, T=t, variant=variant, density=density)
     row.update(timings(attention, q, k, v, qm, km, rep_ms=rep_ms))
-    row["gpu_fwd_bwd_ms"] = gpu_ms(jax.jit(fwd_bwd), q, k, v, do, qm, km)
+    kernels = []
+    row["gpu_fwd_bwd_ms"] = gpu_ms(jax.jit(fwd_bwd), q, k, v, do, qm, km, kernels=kernels)
+    row["launches_fwd_bwd"] = sum(count for _, count, _ in kernels)
+    if list_kernels:
+      row["kernels_fwd_bwd"] = sorted(kernels, key=lambda x: -x[2])
     tokens = jax.jit(functools.partial(_sort, mode))(qm, km)
-    plans = jax.jit(
-        lambda tokens: [triton_backend.make_plans(config, q, tokens, backward=bwd) for bwd in (False, True)]
-    )
-    row["gpu_plans_ms"] = gpu_ms(plans, tokens)["gpu_total"]
-    plan = plans(tokens)[0].fwd
+    plans = jax.jit(lambda tokens: triton_backend.make_plans(config, q, tokens, backward=True))
+    row["gpu_plans_ms"] = gpu_ms(plans, tokens)["gpu_total"]  # all three kernels' plans
+    plan = plans(tokens).fwd
     visited = jnp.mean((plan.end_n - plan.start_n).astype(jnp.float32))
     row["visited_tile_fraction_fwd"] = float(visited) / plan.num_k_tiles
     rows.append(dict(row, **errors))
@@ -118,7 +129,7 @@ def _print(row):
   gpu = " ".join(f"{key}={val:.3f}" for key, val in sorted(row.get("gpu_fwd_bwd_ms", {}).items()))
   errors = " ".join(f"{key[8:]}={val:.1e}" for key, val in row.items() if key.startswith("rel_err"))
   if "gpu_plans_ms" in row:
-    gpu += f" (plans alone {row['gpu_plans_ms']:.3f})"
+    gpu += f" (plans alone {row['gpu_plans_ms']:.3f}; {row['launches_fwd_bwd']:.0f} launches)"
   print(
       f"{row['case']:7s} {row.get('variant', ''):15s} fwd {row['fwd_ms']:7.3f} bwd {row['bwd_ms']:7.3f} "
       f"fwd+bwd {row['fwd_bwd_ms']:7.3f} ms | GPU: {gpu} {errors}",
@@ -136,6 +147,7 @@ def main() -> None:
   parser.add_argument("--variants", default="table")
   parser.add_argument("--rep_ms", type=int, default=100)
   parser.add_argument("--out", default="")
+  parser.add_argument("--list_kernels", action="store_true", help="record every kernel's launches and GPU time")
   args = parser.parse_args()
   b, n, h, t = args.batch, args.heads, args.head_dim, args.seq_len
   q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (b, t, n, h), jnp.bfloat16) for i in range(3))
@@ -144,9 +156,9 @@ def main() -> None:
   dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
   rows = [dict(case="cudnn", T=t, **timings(dense, q, k, v, rep_ms=args.rep_ms))]
   _print(rows[0])
-  variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+  variants = {spec: variant(spec) for spec in args.variants.split(",")}
   for case in args.cases.split(","):
-    for row in profile_case(case, q, k, v, t, args.rep_ms, variants):
+    for row in profile_case(case, q, k, v, t, args.rep_ms, variants, args.list_kernels):
       _print(row)
       rows.append(row)
     if args.out:

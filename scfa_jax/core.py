@@ -2,14 +2,13 @@
 
 Every backend module provides
 
-    forward(config, q, k, v, tokens) -> (o, lse)
-    backward(config, q, k, v, tokens, o, lse, do) -> (dq, dk, dv)
+    forward(config, q, k, v, tokens, *, differentiating) -> (o, residuals)
+    backward(config, q, k, v, tokens, o, residuals, do) -> (dq, dk, dv)
 
-with q [B, T, N, H], k and v [B, S, N, H] and o, dq, dk, dv in that original layout,
-`tokens` a `SortedTokens`, and lse the float32 log-sum-exp of each query slot, +inf for
-a slot with no allowed key. Its slots (the Triton backend's are bucket-aligned, more
-than T) and its base (e or 2) are the backend's own business between its forward and
-backward.
+with q [B, T, N, H], k and v [B, S, N, H] and o, dq, dk, dv in that original layout, and
+`tokens` a `SortedTokens`. `residuals` is the backend's own pytree between its forward
+and backward, built in full only when `differentiating`: the XLA backend's is the
+log-sum-exp per query slot, the Triton backend's adds its tile plans.
 """
 
 from __future__ import annotations
@@ -53,18 +52,18 @@ def _backend(config: AttentionConfig):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(config, q, k, v, tokens):
-  o, _ = _backend(config).forward(config, q, k, v, tokens)
+  o, _ = _backend(config).forward(config, q, k, v, tokens, differentiating=False)
   return o
 
 
 def _attention_fwd(config, q, k, v, tokens):
-  o, lse = _backend(config).forward(config, q, k, v, tokens)
-  return o, (q, k, v, tokens, o, lse)
+  o, saved = _backend(config).forward(config, q, k, v, tokens, differentiating=True)
+  return o, (q, k, v, tokens, o, saved)
 
 
 def _attention_bwd(config, residuals, do):
-  q, k, v, tokens, o, lse = residuals
-  dq, dk, dv = _backend(config).backward(config, q, k, v, tokens, o, lse, do)
+  q, k, v, tokens, o, saved = residuals
+  dq, dk, dv = _backend(config).backward(config, q, k, v, tokens, o, saved, do)
   return dq, dk, dv, None  # the sort order is not differentiated
 
 

@@ -10,9 +10,10 @@ Two builders give plans with the same guarantees: a visited range may contain ti
 without an allowed pair (the in-tile mask handles them), but a tile holding an allowed
 pair is never skipped, and a tile is called full only when all its pairs are allowed.
 
-- Ordered tokens (`SortedTokens.ordered`: our own sorts): the keys a query may attend
-  are one run of the sorted key order, so each tile's range comes from binary searches
-  for its first and last real token: O(num_tiles * log L) per head.
+- Ordered tokens (`SortedTokens.ordered`: our own sorts, real tokens first): the keys a
+  query may attend are one run of the sorted key order, so each tile's range comes from
+  binary searches for its first and last token: O(num_tiles * log L) per head, one
+  batched search for all the plans a backend needs.
 - Any other order (a caller's `presorted` tokens): per-tile bounding boxes of
   (hash, idx), compared for every pair of tiles: O(num_q_tiles * num_k_tiles) per head,
   conservative for any order; sortedness only makes its ranges tight.
@@ -164,13 +165,27 @@ def _dense(start, end, full_start, full_end, count) -> jax.Array:
 
 def make_plan(tokens: SortedTokens, *, block_q: int, block_k: int, strict: bool) -> TilePlan:
   """Builds the plan for `tokens` cut into tiles of block_q queries and block_k keys."""
+  return make_plans(tokens, [(block_q, block_k)], strict=strict)[0]
+
+
+def make_plans(tokens: SortedTokens, shapes, *, strict: bool) -> list[TilePlan]:
+  """One plan per (block_q, block_k) in `shapes`.
+
+  For ordered tokens all the plans share one batched binary search: on a GPU each of
+  its log2(L) steps is one small kernel, whatever the number of plans.
+  """
   q_hash, k_hash = (
       (tokens.q_hash, tokens.k_hash)
       if tokens.hashed
       else (jnp.zeros_like(tokens.q_idx), jnp.zeros_like(tokens.k_idx))
   )
   if tokens.ordered:
-    return _ordered_plan(tokens, q_hash, k_hash, block_q, block_k, strict)
+    return _ordered_plans(tokens, q_hash, k_hash, shapes, strict)
+  return [_box_plan(tokens, q_hash, k_hash, block_q, block_k, strict) for block_q, block_k in shapes]
+
+
+def _box_plan(tokens, q_hash, k_hash, block_q, block_k, strict) -> TilePlan:
+  """The plan from per-tile bounding boxes of (hash, idx), for tokens in any order."""
   q = _tile_stats(tokens.q_idx, q_hash, tokens.q_idx >= 0, block_q)
   k = _tile_stats(tokens.k_idx, k_hash, tokens.k_idx < K_PAD, block_k)
   qx = lambda x: x[..., :, None]  # query tiles along rows
@@ -211,103 +226,108 @@ def make_plan(tokens: SortedTokens, *, block_q: int, block_k: int, strict: bool)
   )  # fmt: skip
 
 
-def _filled_keys(idx: jax.Array, hashes: jax.Array, real: jax.Array):
-  """The (hash, idx) key of every slot, with slots that hold no real token filled from
-  the previous real slot (`before`) or the next one (`after`). Both stay sorted when
-  the real tokens are, so binary searches can run over every slot: searches in
-  `before` find real tokens from the left, searches in `after` from the right."""
-  length = idx.shape[-1]
-  slot = jnp.arange(length, dtype=jnp.int32)
-  previous = jax.lax.cummax(jnp.where(real, slot, -1), axis=real.ndim - 1)
-  following = jax.lax.cummin(jnp.where(real, slot, length), axis=real.ndim - 1, reverse=True)
 
-  def fill(at, exists, missing):
-    at = jnp.clip(at, 0, length - 1)
-    pick = lambda x: jnp.where(exists, jnp.take_along_axis(x, at, axis=-1), missing)
-    return pick(hashes), pick(idx)
-
-  return fill(previous, previous >= 0, _SMALL), fill(following, following < length, _BIG)
-
-
-def _count_before(keys, hashes: jax.Array, idx: jax.Array, inclusive: bool) -> jax.Array:
-  """How many slots of sorted `keys` ([B, N, L] pairs) come before (hash, idx) [B, N, M]
-  lexicographically (or equal, when inclusive): a binary search, unrolled."""
-  key_hash, key_idx = keys
-  length = key_hash.shape[-1]
-  count = jnp.zeros(hashes.shape, jnp.int32)
-  step = 1 << (length.bit_length() - 1)
+def _search(hay_hash, hay_idx, needle_hash, needle_idx, *, offset, length, inclusive, max_length) -> jax.Array:
+  """How many of the `length` (at most `max_length`) sorted (hash, idx) pairs at `offset`
+  in the haystack ([B, N, L] arrays) come before each needle (or equal, where `inclusive`):
+  a binary search for [B, N, M] needles at once, unrolled into log2(max_length) gather steps."""
+  total = hay_hash.shape[-1]
+  count = jnp.zeros(needle_hash.shape, jnp.int32)
+  step = 1 << (max_length.bit_length() - 1)
   while step:
     candidate = count + step
-    at = jnp.minimum(candidate, length) - 1
-    h, i = jnp.take_along_axis(key_hash, at, axis=-1), jnp.take_along_axis(key_idx, at, axis=-1)
-    before = (h < hashes) | ((h == hashes) & ((i <= idx) if inclusive else (i < idx)))
+    at = jnp.clip(offset + jnp.minimum(candidate, length) - 1, 0, total - 1)
+    h, i = jnp.take_along_axis(hay_hash, at, axis=-1), jnp.take_along_axis(hay_idx, at, axis=-1)
+    before = (h < needle_hash) | ((h == needle_hash) & ((i < needle_idx) | (inclusive & (i == needle_idx))))
     count = jnp.where((candidate <= length) & before, candidate, count)
     step //= 2
   return count
 
 
-def _tile_ends(real: jax.Array, block: int):
-  """Per tile: first and last slot holding a real token (-1 when none), all slots real."""
-  length = real.shape[-1]
-  pad = -length % block
-  real = jnp.pad(real, ((0, 0), (0, 0), (0, pad))).reshape(real.shape[:2] + (-1, block))
-  slot = jnp.arange(length + pad, dtype=jnp.int32).reshape(-1, block)
-  first = jnp.min(jnp.where(real, slot, _BIG), axis=-1)
-  last = jnp.max(jnp.where(real, slot, -1), axis=-1)
-  return jnp.where(last >= 0, first, -1), last, jnp.all(real, axis=-1)
+@dataclasses.dataclass(frozen=True)
+class _TileEnds:
+  """The first and last real token of each tile of one side; [B, N, num_tiles]."""
+
+  any_real: jax.Array
+  all_real: jax.Array
+  first_hash: jax.Array
+  first_idx: jax.Array
+  last_hash: jax.Array
+  last_idx: jax.Array
 
 
-def _ordered_plan(tokens, q_hash, k_hash, block_q, block_k, strict) -> TilePlan:
-  """The plan from binary searches, for tokens whose real slots are in (hash, idx) order.
+def _tile_ends(hashes: jax.Array, idx: jax.Array, count: jax.Array, block: int) -> _TileEnds:
+  """Tile ends when the `count` [B, N] real tokens are the first slots."""
+  length = idx.shape[-1]
+  first = jnp.arange(0, length, block, dtype=jnp.int32)
+  last = jnp.minimum(first + block, count[..., None]) - 1
+  at = lambda x, slot: jnp.take_along_axis(x, jnp.broadcast_to(jnp.clip(slot, 0, length - 1), last.shape), -1)
+  return _TileEnds(
+      any_real=first < count[..., None],
+      all_real=first + block <= count[..., None],
+      first_hash=at(hashes, first),
+      first_idx=at(idx, first),
+      last_hash=at(hashes, last),
+      last_idx=at(idx, last),
+  )
 
-  A query (h, t) may attend exactly the real keys with key in [(h, -inf), (h, t)] (or
-  below (h, t) when strict), one run of the key order; a key (h, s) is attended by the
-  real queries in [(h, s), (h, +inf)] (or above (h, s)). A tile's range is the hull of
-  its first and last real token's runs; it is full when the tile is all real and of one
-  bucket and the run of its least permissive token covers whole tiles, all real.
+
+def _ordered_plans(tokens, q_hash, k_hash, shapes, strict) -> list[TilePlan]:
+  """Plans from binary searches, for tokens whose real slots come first, in (hash, idx) order.
+
+  A query (h, t) may attend exactly the keys in [(h, -inf), (h, t)] (or below (h, t) when
+  strict), one run of the key order; a key (h, s) is attended by the queries in
+  [(h, s), (h, +inf)] (or above (h, s)). A tile's range is the hull of its first and last
+  token's runs. It is full when the tile is all real and of one bucket, over the whole
+  tiles of its least permissive token's run, which hold real tokens only, since they
+  lie below a count of real tokens.
   """
-  q_real, k_real = tokens.q_idx >= 0, tokens.k_idx < K_PAD
-  q_keys, k_keys = _filled_keys(tokens.q_idx, q_hash, q_real), _filled_keys(tokens.k_idx, k_hash, k_real)
+  q_count = jnp.sum(tokens.q_idx >= 0, axis=-1, dtype=jnp.int32)
+  k_count = jnp.sum(tokens.k_idx < K_PAD, axis=-1, dtype=jnp.int32)
+  num_keys = tokens.k_idx.shape[-1]
+  q_ends = {bq: _tile_ends(q_hash, tokens.q_idx, q_count, bq) for bq in dict.fromkeys(bq for bq, _ in shapes)}
+  k_ends = {bk: _tile_ends(k_hash, tokens.k_idx, k_count, bk) for bk in dict.fromkeys(bk for _, bk in shapes)}
+  small = lambda x: jnp.full_like(x, _SMALL)
+  big = lambda x: jnp.full_like(x, _BIG)
 
-  def view(lo, hi, full_lo, full_hi, uniform, any_real, other, block):
-    """Tile ranges from slot bounds on the other side, whose tiles (of size `block`)
-    are all real where `other` is True."""
-    visit = any_real & (hi > lo)
+  # Every search at once: query tiles search the keys (haystack slots [0, LK)), key
+  # tiles the queries (slots [LK, LK + LQ)). Each entry: (tiles, needle hash, needle idx).
+  needles = {}
+  for bq, e in q_ends.items():
+    needles["q", bq, "lo"] = (e.first_hash, small(e.first_idx))  # the first query's bucket start
+    needles["q", bq, "hi"] = (e.last_hash, e.last_idx)  # the last query's last key
+    needles["q", bq, "full_hi"] = (e.first_hash, e.first_idx)  # the first query's last key
+  for bk, e in k_ends.items():
+    needles["k", bk, "lo"] = (e.first_hash, e.first_idx)  # the first key's first query
+    needles["k", bk, "full_lo"] = (e.first_hash, e.last_idx)  # the last key's first query
+    needles["k", bk, "hi"] = (e.last_hash, big(e.last_idx))  # the last key's bucket end
+  sizes = [h.shape[-1] for h, _ in needles.values()]
+  on_keys = np.concatenate([np.full(m, name[0] == "q") for name, m in zip(needles, sizes, strict=True)])
+  found = _search(
+      jnp.concatenate([k_hash, q_hash], -1),
+      jnp.concatenate([tokens.k_idx, tokens.q_idx], -1),
+      jnp.concatenate([h for h, _ in needles.values()], -1),
+      jnp.concatenate([i for _, i in needles.values()], -1),
+      offset=np.where(on_keys, 0, num_keys).astype(np.int32),
+      length=jnp.where(on_keys, k_count[..., None], q_count[..., None]),
+      inclusive=on_keys != strict,  # queries include keys at their own position unless strict
+      max_length=max(num_keys, tokens.q_idx.shape[-1]),
+  )
+  bounds = dict(zip(needles, jnp.split(found, np.cumsum(sizes)[:-1], axis=-1), strict=True))
+
+  def view(lo, hi, full_lo, full_hi, ends, block):
+    """Tile ranges from slot bounds on the other side, cut in tiles of `block`."""
+    visit = ends.any_real & (hi > lo)
     start, end = jnp.where(visit, lo // block, 0), jnp.where(visit, -(-hi // block), 0)
     full_start, full_end = -(-full_lo // block), full_hi // block
-    whole = jnp.concatenate([jnp.zeros_like(other[..., :1], jnp.int32), jnp.cumsum(other, -1, dtype=jnp.int32)], -1)
-    at = lambda x: jnp.take_along_axis(whole, jnp.clip(x, 0, whole.shape[-1] - 1), axis=-1)
-    full = visit & uniform & (full_end > full_start) & (at(full_end) - at(full_start) == full_end - full_start)
+    full = visit & ends.all_real & (ends.first_hash == ends.last_hash) & (full_end > full_start)
     return start, end, jnp.where(full, full_start, start), jnp.where(full, full_end, start)
 
-  def ends(hashes, idx, first, last):
-    at = lambda x, slot: jnp.take_along_axis(x, jnp.maximum(slot, 0), axis=-1)
-    return at(hashes, first), at(idx, first), at(hashes, last), at(idx, last)
-
-  q_first, q_last, q_all = _tile_ends(q_real, block_q)
-  k_first, k_last, k_all = _tile_ends(k_real, block_k)
-  qh0, qi0, qh1, qi1 = ends(q_hash, tokens.q_idx, q_first, q_last)
-  kh0, ki0, kh1, ki1 = ends(k_hash, tokens.k_idx, k_first, k_last)
-  filled = lambda x, value: jnp.full_like(x, value)
-  keys_before, keys_after = k_keys
-  queries_before, queries_after = q_keys
-
-  # Query tiles: keys from the first bucket's start to the last query's last key; full
-  # when every key up to the first query's last key is in whole, real tiles.
-  q_view = view(
-      lo=_count_before(keys_before, qh0, filled(qh0, _SMALL), inclusive=False),
-      hi=_count_before(keys_after, qh1, qi1, inclusive=not strict),
-      full_lo=_count_before(keys_before, qh0, filled(qh0, _SMALL), inclusive=False),
-      full_hi=_count_before(keys_after, qh0, qi0, inclusive=not strict),
-      uniform=q_all & (qh0 == qh1), any_real=q_last >= 0, other=k_all, block=block_k,
-  )  # fmt: skip
-  # Key tiles: queries from the first key's first query to the last key's bucket end;
-  # full when every query from the last key's first query to the bucket end is.
-  k_view = view(
-      lo=_count_before(queries_before, kh0, ki0, inclusive=strict),
-      hi=_count_before(queries_after, kh1, filled(kh1, _BIG), inclusive=True),
-      full_lo=_count_before(queries_before, kh0, ki1, inclusive=strict),
-      full_hi=_count_before(queries_after, kh1, filled(kh1, _BIG), inclusive=True),
-      uniform=k_all & (kh0 == kh1), any_real=k_last >= 0, other=q_all, block=block_q,
-  )  # fmt: skip
-  return TilePlan(*q_view, *k_view, block_q=block_q, block_k=block_k)
+  plans = []
+  for bq, bk in shapes:
+    q = lambda name: bounds["q", bq, name]
+    k = lambda name: bounds["k", bk, name]
+    q_view = view(q("lo"), q("hi"), q("lo"), q("full_hi"), q_ends[bq], bk)
+    k_view = view(k("lo"), k("hi"), k("full_lo"), k("hi"), k_ends[bk], bq)
+    plans.append(TilePlan(*q_view, *k_view, block_q=bq, block_k=bk))
+  return plans

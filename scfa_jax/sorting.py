@@ -39,9 +39,10 @@ class SortedTokens:
     k_idx: int32 [B, N, LK]; causal position of slot j, or `K_PAD`.
     q_hash: int32 [B, N, LQ] bucket of slot i, or None when not hashed.
     k_hash: int32 [B, N, LK] bucket of slot j, or None when not hashed.
-    ordered: static; True when the slots that hold real tokens are in nondecreasing
-      (hash, idx) order by construction (`by_bucket`, `by_keep_mask`, `align_runs`), which
-      lets the tile plan use binary searches. False for a caller's order (`presorted`).
+    ordered: static; True when, by construction, the real tokens fill the first slots in
+      nondecreasing (hash, idx) order and padding follows (`by_bucket`, `by_keep_mask`),
+      which lets the tile plan use binary searches. False for a caller's order
+      (`presorted`) and for `align_runs`, whose empty slots sit between the runs.
   """
 
   q_perm: jax.Array
@@ -148,7 +149,7 @@ def align_runs(tokens: SortedTokens, align: int, budget: int) -> SortedTokens:
 
   q_perm, q_idx, q_hash = side(tokens.q_perm, tokens.q_idx, tokens.q_hash, Q_PAD)
   k_perm, k_idx, k_hash = side(tokens.k_perm, tokens.k_idx, tokens.k_hash, K_PAD)
-  return SortedTokens(q_perm, k_perm, q_idx, k_idx, q_hash, k_hash, ordered=tokens.ordered)
+  return SortedTokens(q_perm, k_perm, q_idx, k_idx, q_hash, k_hash)
 
 
 def gather_rows(x: jax.Array, perm: jax.Array) -> jax.Array:

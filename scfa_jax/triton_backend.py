@@ -44,7 +44,7 @@ class KernelConfig:
   bwd_num_warps: int = 4
   bwd_num_stages: int = 2
   one_loop: bool = False  # one pipelined loop per range that branches on full tiles, not three loops
-  align_buckets: bool = True  # hashed tokens: pad each bucket's run to a tile boundary (sorting.align_runs)
+  align_buckets: bool = False  # hashed tokens: pad each bucket's run to a tile boundary (sorting.align_runs)
 
   @property
   def align(self) -> int:
@@ -244,20 +244,32 @@ def _call(config, q, k, tokens: SortedTokens) -> _Call:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Plans:
-  """The tile plans of the three kernels (each has its own tile shape)."""
+  """The tile plans of the three kernels (each has its own tile shape); None where not built."""
 
   fwd: plan_lib.TilePlan
-  dkdv: plan_lib.TilePlan
-  dq: plan_lib.TilePlan
+  dkdv: plan_lib.TilePlan | None
+  dq: plan_lib.TilePlan | None
 
 
 def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
-  """The forward plan, and with `backward` the dK/dV and dQ plans, for `config`'s tiles."""
+  """The forward plan, and with `backward` the dK/dV and dQ plans too: one batched search."""
   tiles = _tiles(config, q.shape[-1], tokens)
-  make = lambda bq, bk: plan_lib.make_plan(tokens, block_q=bq, block_k=bk, strict=config.strict)
-  if not backward:
-    return Plans(make(tiles.block_m, tiles.block_n), None, None)
-  return Plans(None, make(tiles.block_m1, tiles.block_n1), make(tiles.block_m2, tiles.block_n2))
+  shapes = [(tiles.block_m, tiles.block_n)]
+  if backward:
+    shapes += [(tiles.block_m1, tiles.block_n1), (tiles.block_m2, tiles.block_n2)]
+  plans = plan_lib.make_plans(tokens, shapes, strict=config.strict)
+  return Plans(*plans) if backward else Plans(plans[0], None, None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Residuals:
+  """What the backward needs from the forward besides q, k, v, O: the kernels' tokens
+  (bucket-aligned when the tiles ask for it), the plans and the base-2 lse per slot."""
+
+  tokens: SortedTokens
+  plans: Plans
+  lse: jax.Array
 
 
 def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
@@ -305,15 +317,17 @@ def dkdv_kernel(config, q, k, v, tokens, lse, delta, do, plan: plan_lib.TilePlan
   )  # fmt: skip
 
 
-def forward(config, q, k, v, tokens: SortedTokens):
+def forward(config, q, k, v, tokens: SortedTokens, *, differentiating: bool = False):
+  """O [B, T, N, H] and the `Residuals`; the backward's plans are built only when `differentiating`."""
   tokens = _aligned(config, q, tokens)
-  plans = make_plans(config, q, tokens, backward=False)
-  return fwd_kernel(config, q, k, v, tokens, plans.fwd)
+  plans = make_plans(config, q, tokens, backward=differentiating)
+  o, lse = fwd_kernel(config, q, k, v, tokens, plans.fwd)
+  return o, Residuals(tokens, plans, lse)
 
 
-def backward(config, q, k, v, tokens: SortedTokens, o, lse, do):
-  tokens = _aligned(config, q, tokens)  # recomputed: cheaper to redo than to keep
-  plans = make_plans(config, q, tokens, backward=True)
-  dq, delta = dq_kernel(config, q, k, v, tokens, o, lse, do, plans.dq)
-  dk, dv = dkdv_kernel(config, q, k, v, tokens, lse, delta, do, plans.dkdv)
+def backward(config, q, k, v, tokens: SortedTokens, o, residuals: Residuals, do):
+  del tokens  # the kernels' own tokens are in the residuals
+  tokens, plans = residuals.tokens, residuals.plans
+  dq, delta = dq_kernel(config, q, k, v, tokens, o, residuals.lse, do, plans.dq)
+  dk, dv = dkdv_kernel(config, q, k, v, tokens, residuals.lse, delta, do, plans.dkdv)
   return dq, dk, dv

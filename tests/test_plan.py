@@ -240,3 +240,18 @@ def test_plan_under_jit_matches_eager():
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="view"):
     eager.to_dense("x")
+
+
+def test_plans_built_together_equal_plans_built_alone():
+  """make_plans batches the searches of several tile shapes: each plan is make_plan's."""
+  rng = np.random.default_rng(7)
+  for tokens in (
+      sorting.by_bucket(jnp.asarray(rng.integers(0, 5, (2, 150, 2))), jnp.asarray(rng.integers(0, 5, (2, 97, 2)))),
+      sorting.by_keep_mask(jnp.asarray(rng.random((2, 150, 2)) < 0.6), jnp.asarray(rng.random((2, 97, 2)) < 0.3)),
+  ):
+    shapes = [(32, 16), (16, 32), (32, 32)]
+    together = plan_lib.make_plans(tokens, shapes, strict=True)
+    for (block_q, block_k), plan in zip(shapes, together, strict=True):
+      alone = plan_lib.make_plan(tokens, block_q=block_q, block_k=block_k, strict=True)
+      for a, b in zip(jax.tree.leaves(plan), jax.tree.leaves(alone), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -40,8 +40,8 @@ def test_hash(t, s, strict):
   )  # fmt: skip
 
 
-def test_hash_without_bucket_alignment():
-  """KernelConfig(align_buckets=False): tiles straddle buckets and the in-tile mask does the work."""
+def test_hash_with_bucket_alignment():
+  """KernelConfig(align_buckets=True): empty slots (perm -1) pad bucket runs to tile boundaries."""
   import dataclasses  # noqa: PLC0415
 
   from scfa_jax import core, sorting, triton_backend  # noqa: PLC0415
@@ -50,9 +50,9 @@ def test_hash_without_bucket_alignment():
   b, t, s, n = 2, 70, 53, 2
   q, k, v = _qkv(key, b, t, s, n, H)
   qb, kb = _buckets(jax.random.fold_in(key, 1), (b, t, n), 3), _buckets(jax.random.fold_in(key, 2), (b, s, n), 3)
-  tiles = dataclasses.replace(triton_backend.kernel_config(IMPL, H, True), align_buckets=False)
+  tiles = dataclasses.replace(triton_backend.kernel_config(IMPL, H, True), align_buckets=True)
   config = core.AttentionConfig(implementation=IMPL, strict=True, scale=H**-0.5, kernel=tiles)
-  assert triton_backend._aligned(config, q, sorting.by_bucket(qb, kb)).q_perm.shape[-1] == t  # no padding
+  assert triton_backend._aligned(config, q, sorting.by_bucket(qb, kb)).q_perm.shape[-1] > t  # empty slots
   _check_against(
       lambda q, k, v: core.attention(q, k, v, sorting.by_bucket(qb, kb), config),
       functools.partial(reference.hash_sparse_attention, q_buckets=qb, k_buckets=kb, strict=True),
@@ -158,7 +158,9 @@ def _per_row(x, perm, rows):
 @pytest.mark.parametrize("strict", [False, True])
 def test_backend_forward_and_lse_match_xla_backend(strict):
   """The intermediates: O at original rows and the lse per row (ours in base 2, xla's natural).
-  Ours has bucket-aligned slots (sorting.align_runs), so compare per original row."""
+  Ours has bucket-aligned slots here (sorting.align_runs), so compare per original row."""
+  import dataclasses  # noqa: PLC0415
+
   from scfa_jax import core, sorting, triton_backend, xla  # noqa: PLC0415
 
   key = jax.random.PRNGKey(8)
@@ -167,11 +169,12 @@ def test_backend_forward_and_lse_match_xla_backend(strict):
   tokens = sorting.by_bucket(
       _buckets(jax.random.fold_in(key, 1), (b, t, n), 3), _buckets(jax.random.fold_in(key, 2), (b, s, n), 3)
   )
-  config = lambda impl: core.AttentionConfig(implementation=impl, strict=strict, scale=0.25)
-  o, lse = triton_backend.forward(config(IMPL), q, k, v, tokens)
+  tiles = dataclasses.replace(triton_backend.kernel_config(IMPL, H, True), align_buckets=True)
+  config = lambda impl, tiles=None: core.AttentionConfig(implementation=impl, strict=strict, scale=0.25, kernel=tiles)
+  o, saved = triton_backend.forward(config(IMPL, tiles), q, k, v, tokens)
   o_xla, lse_xla = xla.forward(config("xla"), q, k, v, tokens)
   np.testing.assert_allclose(np.asarray(o), np.asarray(o_xla), atol=1e-5, rtol=1e-5)
-  aligned = triton_backend._aligned(config(IMPL), q, tokens)
+  lse, aligned = saved.lse, saved.tokens
   assert aligned.q_perm.shape[-1] > t  # the test covers padded slots
   lse, lse_xla = _per_row(lse, aligned.q_perm, t), _per_row(lse_xla, tokens.q_perm, t)
   empty = np.isinf(lse_xla)
