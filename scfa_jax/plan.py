@@ -102,27 +102,23 @@ class TilePlan:
     full_start_n, full_end_n: the sub-range of those that needs no mask.
     start_m, end_m: [B, N, num_k_tiles]: query tiles `[start_m, end_m)` a key tile visits.
     full_start_m, full_end_m: the sub-range of those that needs no mask.
-    block_q, block_k: tile sizes (static).
+    block_q, block_k, num_q_tiles, num_k_tiles: tile sizes and counts (static).
+
+  A view that was not asked for (`make_plans`'s `views`) holds None: each kernel reads one.
   """
 
-  start_n: jax.Array
-  end_n: jax.Array
-  full_start_n: jax.Array
-  full_end_n: jax.Array
-  start_m: jax.Array
-  end_m: jax.Array
-  full_start_m: jax.Array
-  full_end_m: jax.Array
+  start_n: jax.Array | None
+  end_n: jax.Array | None
+  full_start_n: jax.Array | None
+  full_end_n: jax.Array | None
+  start_m: jax.Array | None
+  end_m: jax.Array | None
+  full_start_m: jax.Array | None
+  full_end_m: jax.Array | None
   block_q: int = dataclasses.field(metadata=dict(static=True))
   block_k: int = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def num_q_tiles(self) -> int:
-    return self.start_n.shape[-1]
-
-  @property
-  def num_k_tiles(self) -> int:
-    return self.start_m.shape[-1]
+  num_q_tiles: int = dataclasses.field(metadata=dict(static=True))
+  num_k_tiles: int = dataclasses.field(metadata=dict(static=True))
 
   def to_dense(self, view: str = "q") -> jax.Array:
     """int8 [B, N, num_q_tiles, num_k_tiles] of SKIP / MASKED / FULL.
@@ -130,17 +126,22 @@ class TilePlan:
     view="q" is what the forward and dQ kernels visit (ranges per query tile),
     view="k" what the dK/dV kernel visits (ranges per key tile).
     """
+    if view not in ("q", "k"):
+      raise ValueError(f"view must be 'q' or 'k', got {view=}")
+    if (self.start_n if view == "q" else self.start_m) is None:
+      raise ValueError(f"this plan was built without its {view!r} view (make_plans(views=...))")
     if view == "q":
       return _dense(self.start_n, self.end_n, self.full_start_n, self.full_end_n, self.num_k_tiles)
-    if view == "k":
-      dense = _dense(self.start_m, self.end_m, self.full_start_m, self.full_end_m, self.num_q_tiles)
-      return jnp.swapaxes(dense, -1, -2)
-    raise ValueError(f"view must be 'q' or 'k', got {view=}")
+    dense = _dense(self.start_m, self.end_m, self.full_start_m, self.full_end_m, self.num_q_tiles)
+    return jnp.swapaxes(dense, -1, -2)
 
   def sparsity(self) -> float:
-    """Fraction of the num_q_tiles x num_k_tiles rectangle the forward view skips."""
-    visited = jnp.sum(self.end_n - self.start_n)
-    return float(1.0 - visited / (self.start_n.size * self.num_k_tiles))
+    """Fraction of the num_q_tiles x num_k_tiles rectangle the plan skips (q view, else k)."""
+    start, end, other = (
+        (self.start_n, self.end_n, self.num_k_tiles) if self.start_n is not None else
+        (self.start_m, self.end_m, self.num_q_tiles)
+    )  # fmt: skip
+    return float(1.0 - jnp.sum(end - start) / (start.size * other))
 
   def __str__(self) -> str:
     dense = np.asarray(self.to_dense())
@@ -168,19 +169,25 @@ def make_plan(tokens: SortedTokens, *, block_q: int, block_k: int, strict: bool)
   return make_plans(tokens, [(block_q, block_k)], strict=strict)[0]
 
 
-def make_plans(tokens: SortedTokens, shapes, *, strict: bool) -> list[TilePlan]:
+def make_plans(tokens: SortedTokens, shapes, *, strict: bool, views=None) -> list[TilePlan]:
   """One plan per (block_q, block_k) in `shapes`.
 
-  For ordered tokens all the plans share one batched binary search: on a GPU each of
-  its log2(L) steps is one small kernel, whatever the number of plans.
+  `views` names, per shape, the views to build: "q" (query-major: the forward and dQ
+  kernels), "k" (key-major: the dK/dV kernel) or "qk" (both, the default). For ordered
+  tokens all the plans share one batched binary search: on a GPU each of its log2(L)
+  steps is one small kernel, whatever the number of plans, and each skipped view saves
+  a third of its needles. Bounding-box plans always hold both views.
   """
+  views = ["qk"] * len(shapes) if views is None else list(views)
+  if len(views) != len(shapes) or not set(views) <= {"q", "k", "qk"}:
+    raise ValueError(f"views must hold 'q', 'k' or 'qk' for each of the {len(shapes)} shapes, got {views=}")
   q_hash, k_hash = (
       (tokens.q_hash, tokens.k_hash)
       if tokens.hashed
       else (jnp.zeros_like(tokens.q_idx), jnp.zeros_like(tokens.k_idx))
   )
   if tokens.ordered:
-    return _ordered_plans(tokens, q_hash, k_hash, shapes, strict)
+    return _ordered_plans(tokens, q_hash, k_hash, list(zip(shapes, views, strict=True)), strict)
   return [_box_plan(tokens, q_hash, k_hash, block_q, block_k, strict) for block_q, block_k in shapes]
 
 
@@ -222,7 +229,7 @@ def _box_plan(tokens, q_hash, k_hash, block_q, block_k, strict) -> TilePlan:
   return TilePlan(
       start_n, end_n, full_start_n, full_end_n,
       start_m, end_m, full_start_m, full_end_m,
-      block_q=block_q, block_k=block_k,
+      block_q=block_q, block_k=block_k, num_q_tiles=visit.shape[-2], num_k_tiles=visit.shape[-1],
   )  # fmt: skip
 
 
@@ -272,7 +279,7 @@ def _tile_ends(hashes: jax.Array, idx: jax.Array, count: jax.Array, block: int) 
   )
 
 
-def _ordered_plans(tokens, q_hash, k_hash, shapes, strict) -> list[TilePlan]:
+def _ordered_plans(tokens, q_hash, k_hash, requests, strict) -> list[TilePlan]:
   """Plans from binary searches, for tokens whose real slots come first, in (hash, idx) order.
 
   A query (h, t) may attend exactly the keys in [(h, -inf), (h, t)] (or below (h, t) when
@@ -285,8 +292,10 @@ def _ordered_plans(tokens, q_hash, k_hash, shapes, strict) -> list[TilePlan]:
   q_count = jnp.sum(tokens.q_idx >= 0, axis=-1, dtype=jnp.int32)
   k_count = jnp.sum(tokens.k_idx < K_PAD, axis=-1, dtype=jnp.int32)
   num_keys = tokens.k_idx.shape[-1]
-  q_ends = {bq: _tile_ends(q_hash, tokens.q_idx, q_count, bq) for bq in dict.fromkeys(bq for bq, _ in shapes)}
-  k_ends = {bk: _tile_ends(k_hash, tokens.k_idx, k_count, bk) for bk in dict.fromkeys(bk for _, bk in shapes)}
+  q_blocks = dict.fromkeys(bq for (bq, _), views in requests if "q" in views)
+  k_blocks = dict.fromkeys(bk for (_, bk), views in requests if "k" in views)
+  q_ends = {bq: _tile_ends(q_hash, tokens.q_idx, q_count, bq) for bq in q_blocks}
+  k_ends = {bk: _tile_ends(k_hash, tokens.k_idx, k_count, bk) for bk in k_blocks}
   small = lambda x: jnp.full_like(x, _SMALL)
   big = lambda x: jnp.full_like(x, _BIG)
 
@@ -324,10 +333,11 @@ def _ordered_plans(tokens, q_hash, k_hash, shapes, strict) -> list[TilePlan]:
     return start, end, jnp.where(full, full_start, start), jnp.where(full, full_end, start)
 
   plans = []
-  for bq, bk in shapes:
+  for (bq, bk), views in requests:
     q = lambda name: bounds["q", bq, name]
     k = lambda name: bounds["k", bk, name]
-    q_view = view(q("lo"), q("hi"), q("lo"), q("full_hi"), q_ends[bq], bk)
-    k_view = view(k("lo"), k("hi"), k("full_lo"), k("hi"), k_ends[bk], bq)
-    plans.append(TilePlan(*q_view, *k_view, block_q=bq, block_k=bk))
+    q_view = view(q("lo"), q("hi"), q("lo"), q("full_hi"), q_ends[bq], bk) if "q" in views else (None,) * 4
+    k_view = view(k("lo"), k("hi"), k("full_lo"), k("hi"), k_ends[bk], bq) if "k" in views else (None,) * 4
+    tiles = dict(num_q_tiles=-(-tokens.q_idx.shape[-1] // bq), num_k_tiles=-(-num_keys // bk))
+    plans.append(TilePlan(*q_view, *k_view, block_q=bq, block_k=bk, **tiles))
   return plans

@@ -252,12 +252,13 @@ class Plans:
 
 
 def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
-  """The forward plan, and with `backward` the dK/dV and dQ plans too: one batched search."""
+  """The forward plan, and with `backward` the dQ and dK/dV plans too, each with the one
+  view its kernel reads: one batched search."""
   tiles = _tiles(config, q.shape[-1], tokens)
   shapes = [(tiles.block_m, tiles.block_n)]
   if backward:
     shapes += [(tiles.block_m1, tiles.block_n1), (tiles.block_m2, tiles.block_n2)]
-  plans = plan_lib.make_plans(tokens, shapes, strict=config.strict)
+  plans = plan_lib.make_plans(tokens, shapes, strict=config.strict, views=["q", "k", "q"][: len(shapes)])
   return Plans(*plans) if backward else Plans(plans[0], None, None)
 
 

@@ -251,7 +251,17 @@ def test_plans_built_together_equal_plans_built_alone():
   ):
     shapes = [(32, 16), (16, 32), (32, 32)]
     together = plan_lib.make_plans(tokens, shapes, strict=True)
-    for (block_q, block_k), plan in zip(shapes, together, strict=True):
+    one_view = plan_lib.make_plans(tokens, shapes, strict=True, views=["q", "k", "q"])
+    for (block_q, block_k), plan, partial in zip(shapes, together, one_view, strict=True):
       alone = plan_lib.make_plan(tokens, block_q=block_q, block_k=block_k, strict=True)
       for a, b in zip(jax.tree.leaves(plan), jax.tree.leaves(alone), strict=True):
         np.testing.assert_array_equal(a, b)
+      assert (partial.num_q_tiles, partial.num_k_tiles) == (alone.num_q_tiles, alone.num_k_tiles)
+      for name in ("start", "end", "full_start", "full_end"):
+        built, missing = ("n", "m") if partial.start_n is not None else ("m", "n")
+        np.testing.assert_array_equal(getattr(partial, f"{name}_{built}"), getattr(alone, f"{name}_{built}"))
+        assert getattr(partial, f"{name}_{missing}") is None
+  with pytest.raises(ValueError, match="without its 'k' view"):
+    one_view[0].to_dense("k")
+  with pytest.raises(ValueError, match="views must hold"):
+    plan_lib.make_plans(tokens, shapes, strict=True, views=["q"])
