@@ -24,14 +24,19 @@ K_PAD = tl.constexpr(2**30)
 
 
 @triton.jit
-def _allowed(qi, kj, qh, kh, HASHED: tl.constexpr, STRICT: tl.constexpr):
+def _allowed(qi, kj, qh, kh, HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr):
   """The SCFA rule on broadcast views: qi, qh as [M, 1] and kj, kh as [1, N] give a
-  query-major tile, the transposed views a key-major one."""
+  query-major tile, the transposed views a key-major one.
+
+  Without CHECK_PADS the causal comparison alone rules padding out: right when every real
+  position lies in [0, K_PAD), as our own sorts' do, so that Q_PAD = -1 precedes every key
+  and K_PAD follows every query. A caller's positions may lie anywhere: CHECK_PADS."""
   if STRICT:
     ok = qi > kj
   else:
     ok = qi >= kj
-  ok = ok & (qi >= 0) & (kj < K_PAD)
+  if CHECK_PADS:
+    ok = ok & (qi >= 0) & (kj < K_PAD)
   if HASHED:
     ok = ok & (qh == kh)
   return ok
@@ -73,30 +78,36 @@ def _token_keys(idx_ptr, hash_ptr, slot, in_bounds, PAD: tl.constexpr, HASHED: t
 
 @triton.jit
 def _masked(x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
-            QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr):  # fmt: skip
+            QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr):  # fmt: skip
   """x with disallowed pairs set to `fill`. The rows of x are the program's own tokens
   (queries if QUERY_ROWS, else keys); its columns are the streamed tile's, at `slot`."""
   if QUERY_ROWS:
     k_idx, k_hash = _token_keys(other_idx_ptr, other_hash_ptr, slot, in_bounds, K_PAD, HASHED)
-    allowed = _allowed(own_idx[:, None], k_idx[None, :], own_hash[:, None], k_hash[None, :], HASHED, STRICT)
+    allowed = _allowed(own_idx[:, None], k_idx[None, :], own_hash[:, None], k_hash[None, :], HASHED, STRICT, CHECK_PADS)
   else:
     q_idx, q_hash = _token_keys(other_idx_ptr, other_hash_ptr, slot, in_bounds, -1, HASHED)
-    allowed = _allowed(q_idx[None, :], own_idx[:, None], q_hash[None, :], own_hash[:, None], HASHED, STRICT)
+    allowed = _allowed(q_idx[None, :], own_idx[:, None], q_hash[None, :], own_hash[:, None], HASHED, STRICT, CHECK_PADS)
   return tl.where(allowed, x, fill)
 
 
 @triton.jit
 def _mask_tile(x, fill, tile, full_lo, full_hi, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
-               QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr,
+               QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr,
                MASKED: tl.constexpr, BRANCH: tl.constexpr):  # fmt: skip
   """The in-tile mask where the plan asks for it: every tile of a masked loop, or with
   BRANCH (one loop over the whole range) the tiles outside [full_lo, full_hi)."""
   if MASKED:
     if BRANCH:
       if (tile < full_lo) | (tile >= full_hi):
-        x = _masked(x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds, QUERY_ROWS, HASHED, STRICT)
+        x = _masked(
+            x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
+            QUERY_ROWS, HASHED, STRICT, CHECK_PADS,
+        )  # fmt: skip
     else:
-      x = _masked(x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds, QUERY_ROWS, HASHED, STRICT)
+      x = _masked(
+          x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
+          QUERY_ROWS, HASHED, STRICT, CHECK_PADS,
+      )  # fmt: skip
   return x
 
 
@@ -129,7 +140,8 @@ def _fwd_tiles(
     acc, m_i, l_i, q, q_idx, q_hash,
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, BRANCH: tl.constexpr,
 ):  # fmt: skip
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,7 +152,7 @@ def _fwd_tiles(
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
     s = _mask_tile(
         s, float("-inf"), j, full_lo, full_hi, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds,
-        True, HASHED, STRICT, MASKED, BRANCH,
+        True, HASHED, STRICT, CHECK_PADS, MASKED, BRANCH,
     )  # fmt: skip
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -158,8 +170,8 @@ def scfa_fwd(
     start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, T, S, LQ, LK,
     o_ptr, lse_ptr,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): O and lse for BLOCK_M sorted query slots."""
   LQ = _multiple_of_16(LQ, ALIGNED)
@@ -183,7 +195,7 @@ def scfa_fwd(
     acc, m_i, l_i = _fwd_tiles(
         acc, m_i, l_i, q, q_idx, q_hash,
         k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, PRECISION, part != 1, ONE_LOOP,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, part != 1, ONE_LOOP,
     )  # fmt: skip
 
   has_key = l_i > 0.0
@@ -198,7 +210,8 @@ def _dkdv_tiles(
     dk, dv, k, v, k_idx, k_hash,
     q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, b, n, T, LQ, lo, hi, full_lo, full_hi,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, BRANCH: tl.constexpr,
 ):  # fmt: skip
   for i in range(lo, hi):
     slot = i * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -213,7 +226,7 @@ def _dkdv_tiles(
     p_t = tl.math.exp2(s_t - lse[None, :])
     p_t = _mask_tile(
         p_t, 0.0, i, full_lo, full_hi, k_idx, k_hash, q_idx_ptr, q_hash_ptr, slot, in_bounds,
-        False, HASHED, STRICT, MASKED, BRANCH,
+        False, HASHED, STRICT, CHECK_PADS, MASKED, BRANCH,
     )  # fmt: skip
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -229,8 +242,8 @@ def scfa_bwd_dkdv(
     dk_ptr, dv_ptr,
     SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
   """One program per (key tile, batch * head): dK and dV of BLOCK_N sorted key slots.
 
@@ -258,7 +271,7 @@ def scfa_bwd_dkdv(
         dk, dv, k, v, k_idx, k_hash,
         q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
         delta_ptr + bh * LQ, b, n, T, LQ,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, PRECISION, part != 1, ONE_LOOP,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, part != 1, ONE_LOOP,
     )  # fmt: skip
 
   offsets = k_offset[:, None] + tl.arange(0, H)[None, :]
@@ -271,7 +284,8 @@ def _dq_tiles(
     dq, q, do, lse, delta, q_idx, q_hash,
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, BRANCH: tl.constexpr,
 ):  # fmt: skip
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -283,7 +297,7 @@ def _dq_tiles(
     p = tl.math.exp2(s - lse[:, None])
     p = _mask_tile(
         p, 0.0, j, full_lo, full_hi, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds,
-        True, HASHED, STRICT, MASKED, BRANCH,
+        True, HASHED, STRICT, CHECK_PADS, MASKED, BRANCH,
     )  # fmt: skip
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
@@ -298,8 +312,8 @@ def scfa_bwd_dq(
     dq_ptr, delta_ptr,
     SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): dQ of BLOCK_M sorted query slots.
 
@@ -329,7 +343,7 @@ def scfa_bwd_dq(
     dq = _dq_tiles(
         dq, q, do, lse, delta, q_idx, q_hash,
         k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, PRECISION, part != 1, ONE_LOOP,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, part != 1, ONE_LOOP,
     )  # fmt: skip
   offsets = q_offset[:, None] + tl.arange(0, H)[None, :]
   tl.store(dq_ptr + offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])

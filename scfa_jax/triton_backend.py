@@ -52,17 +52,18 @@ class KernelConfig:
     return max(self.block_m, self.block_n, self.block_m1, self.block_n1, self.block_m2, self.block_n2)
 
 
-# H100 / H200 (sm_90), measured in experiments/results/profile_h200_16k_tiles.json. Two shapes
-# of work: QK-sparse (and dense) ranges are long causal runs, best with 128-row tiles
-# and three loops whose mask-free middle has no branch (Triton's tutorial backward
-# tiles: dK/dV streams 32 queries past 128 keys, dQ 32 keys past 128 queries). Hash-
-# sparse ranges are short runs inside buckets aligned to 64: 64x64 tiles and one
-# software-pipelined loop (hash-64 at T=16384: kernels 5.8 -> 4.2 ms).
+# H100 / H200 (sm_90), measured in experiments/results/profile_h200_16k_*.json. Two shapes
+# of work: QK-sparse (and dense) ranges are long causal runs, best with 128-row forward
+# tiles and three loops whose mask-free middle has no branch (Triton's tutorial backward
+# tiles: dK/dV streams 32 queries past 128 keys; dQ 32 keys past 64 queries, which beat
+# 128 queries: all kept 21.9 -> 20.8 ms, drop-70 2.84 -> 2.47 at T=16384). Hash-sparse
+# ranges are short runs inside buckets: 64x64 tiles and one software-pipelined loop
+# (hash-64 at T=16384: kernels 5.8 -> 4.3 ms).
 _QK_CONFIG = KernelConfig(
-    block_m=128, block_n=64, block_m1=32, block_n1=128, block_m2=128, block_n2=32,
+    block_m=128, block_n=64, block_m1=32, block_n1=128, block_m2=64, block_n2=32,
     num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=5,
 )  # fmt: skip
-_HASH_CONFIG = dataclasses.replace(_QK_CONFIG, block_m=64, block_n1=64, block_m2=64, one_loop=True)
+_HASH_CONFIG = dataclasses.replace(_QK_CONFIG, block_m=64, block_n1=64, one_loop=True)
 _GPU_CONFIGS = {
     (h, hashed): config if h < 128 else dataclasses.replace(config, num_warps=8, bwd_num_warps=8, bwd_num_stages=3)
     for h in HEAD_DIMS
@@ -233,6 +234,7 @@ def _call(config, q, k, tokens: SortedTokens) -> _Call:
   hashes = (tokens.q_hash, tokens.k_hash) if tokens.hashed else (tokens.q_idx, tokens.k_idx)
   meta = dict(
       QK_SCALE=config.scale * LOG2E, N=n, H=h, HASHED=tokens.hashed, STRICT=config.strict,
+      CHECK_PADS=not tokens.ordered,  # our sorts' positions lie in [0, T): pads fail the causal test
       PRECISION="ieee" if q.dtype == jnp.float32 else "tf32",
   )  # fmt: skip
   lengths = (t, k.shape[1], tokens.q_perm.shape[-1], tokens.k_perm.shape[-1])  # rows, then slots

@@ -97,13 +97,18 @@ def test_float16_skewed_buckets_and_a_dropped_head():
   )  # fmt: skip
 
 
-def test_any_order_with_padding():
+@pytest.mark.parametrize("beyond_pads", [False, True])
+def test_any_order_with_padding(beyond_pads):
+  """A caller's order; with beyond_pads, padding is any q_idx < 0 or k_idx >= 2**30 and real
+  keys sit at negative positions, where the causal test alone would let padding through."""
   key = jax.random.PRNGKey(6)
   b, t, s, n = 1, 70, 50, 2
   q, k, v = _qkv(key, b, t, s, n, H)
-  q_idx = jnp.where(jax.random.bernoulli(key, 0.2, (b, t, n)), -1, jax.random.randint(key, (b, t, n), 0, 80))
+  low = -20 if beyond_pads else 0
+  q_pad, k_pad = (-7, 2**30 + 3) if beyond_pads else (-1, 2**30)
+  q_idx = jnp.where(jax.random.bernoulli(key, 0.2, (b, t, n)), q_pad, jax.random.randint(key, (b, t, n), 0, 80))
   k_idx = jnp.where(
-      jax.random.bernoulli(jax.random.fold_in(key, 1), 0.2, (b, s, n)), 2**30, jax.random.randint(key, (b, s, n), 0, 80)
+      jax.random.bernoulli(jax.random.fold_in(key, 1), 0.2, (b, s, n)), k_pad, jax.random.randint(key, (b, s, n), low, 80)
   )
   kw = dict(q_idx=q_idx, k_idx=k_idx, q_hash=q_idx % 2, k_hash=k_idx % 2)
   _check_against(
