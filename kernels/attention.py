@@ -78,7 +78,8 @@ def _token_keys(idx_ptr, hash_ptr, slot, in_bounds, PAD: tl.constexpr, HASHED: t
 
 @triton.jit
 def _masked(x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
-            QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr):  # fmt: skip
+            QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr,
+            CHECK_PADS: tl.constexpr):  # fmt: skip
   """x with disallowed pairs set to `fill`. The rows of x are the program's own tokens
   (queries if QUERY_ROWS, else keys); its columns are the streamed tile's, at `slot`."""
   if QUERY_ROWS:

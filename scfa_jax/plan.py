@@ -233,7 +233,6 @@ def _box_plan(tokens, q_hash, k_hash, block_q, block_k, strict) -> TilePlan:
   )  # fmt: skip
 
 
-
 def _search(hay_hash, hay_idx, needle_hash, needle_idx, *, offset, length, inclusive, max_length) -> jax.Array:
   """How many of the `length` (at most `max_length`) sorted (hash, idx) pairs at `offset`
   in the haystack ([B, N, L] arrays) come before each needle (or equal, where `inclusive`):
@@ -300,7 +299,7 @@ def _ordered_plans(tokens, q_hash, k_hash, requests, strict) -> list[TilePlan]:
   big = lambda x: jnp.full_like(x, _BIG)
 
   # Every search at once: query tiles search the keys (haystack slots [0, LK)), key
-  # tiles the queries (slots [LK, LK + LQ)). Each entry: (tiles, needle hash, needle idx).
+  # tiles the queries (slots [LK, LK + LQ)). Keyed (side, block, bound): (hash, idx) per tile.
   needles = {}
   for bq, e in q_ends.items():
     needles["q", bq, "lo"] = (e.first_hash, small(e.first_idx))  # the first query's bucket start

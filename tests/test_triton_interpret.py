@@ -107,9 +107,8 @@ def test_any_order_with_padding(beyond_pads):
   low = -20 if beyond_pads else 0
   q_pad, k_pad = (-7, 2**30 + 3) if beyond_pads else (-1, 2**30)
   q_idx = jnp.where(jax.random.bernoulli(key, 0.2, (b, t, n)), q_pad, jax.random.randint(key, (b, t, n), 0, 80))
-  k_idx = jnp.where(
-      jax.random.bernoulli(jax.random.fold_in(key, 1), 0.2, (b, s, n)), k_pad, jax.random.randint(key, (b, s, n), low, 80)
-  )
+  k_drop = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.2, (b, s, n))
+  k_idx = jnp.where(k_drop, k_pad, jax.random.randint(key, (b, s, n), low, 80))
   kw = dict(q_idx=q_idx, k_idx=k_idx, q_hash=q_idx % 2, k_hash=k_idx % 2)
   _check_against(
       functools.partial(scfa_jax.sparse_causal_attention, **kw, implementation=IMPL),
