@@ -44,7 +44,9 @@ class KernelConfig:
   bwd_num_warps: int = 4
   bwd_num_stages: int = 2
   one_loop: bool = False  # one pipelined loop per range that branches on full tiles, not three loops
-  align_buckets: bool = False  # hashed tokens: pad each bucket's run to a tile boundary (sorting.align_runs)
+  # Hashed tokens: pad each bucket's run to a tile boundary (sorting.align_runs). Off: its
+  # jnp work cost more than the kernels gained (results/profile_h200_16k_align.json).
+  align_buckets: bool = False
 
   @property
   def align(self) -> int:
