@@ -40,6 +40,8 @@ def variant(spec: str):
   base, *overrides = spec.split("+")
   fields = {name: int(value) for name, value in (o.split("=") for o in overrides)}
   kinds = {f.name: f.type for f in dataclasses.fields(triton_backend.KernelConfig)}
+  if base not in BASES or not set(fields) <= set(kinds):
+    raise ValueError(f"variant {spec!r}: base must be one of {list(BASES)}, fields among {list(kinds)}")
   fields = {name: bool(value) if kinds[name] in (bool, "bool") else value for name, value in fields.items()}
   return lambda h, hashed: dataclasses.replace(BASES[base](h, hashed), **fields)
 

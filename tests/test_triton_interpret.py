@@ -176,6 +176,9 @@ def test_backend_forward_and_lse_match_xla_backend(strict):
   tiles = dataclasses.replace(triton_backend.kernel_config(IMPL, H, True), align_buckets=True)
   config = lambda impl, tiles=None: core.AttentionConfig(implementation=impl, strict=strict, scale=0.25, kernel=tiles)
   o, saved = triton_backend.forward(config(IMPL, tiles), q, k, v, tokens)
+  assert saved.plans.dq is None and saved.plans.dkdv is None  # not differentiating: forward plan only
+  both = triton_backend.forward(config(IMPL, tiles), q, k, v, tokens, differentiating=True)[1].plans
+  assert both.dq.start_n is not None and both.dkdv.start_m is not None
   o_xla, lse_xla = xla.forward(config("xla"), q, k, v, tokens)
   np.testing.assert_allclose(np.asarray(o), np.asarray(o_xla), atol=1e-5, rtol=1e-5)
   lse, aligned = saved.lse, saved.tokens
