@@ -12,8 +12,8 @@ pair is never skipped, and a tile is called full only when all its pairs are all
 
 - Ordered tokens (`SortedTokens.ordered`: our own sorts, real tokens first): the keys a
   query may attend are one run of the sorted key order, so each tile's range comes from
-  searches for its first and last token: O(num_tiles * sqrt(L)) per head in two counting
-  reductions per side, shared by all the plans a backend needs.
+  binary searches for its first and last token: O(num_tiles * log L) per head, one
+  batched search for all the plans a backend needs.
 - Any other order (a caller's `presorted` tokens): per-tile bounding boxes of
   (hash, idx), compared for every pair of tiles: O(num_q_tiles * num_k_tiles) per head,
   conservative for any order; sortedness only makes its ranges tight.
@@ -174,9 +174,9 @@ def make_plans(tokens: SortedTokens, shapes, *, strict: bool, views=None) -> lis
 
   `views` names, per shape, the views to build: "q" (query-major: the forward and dQ
   kernels), "k" (key-major: the dK/dV kernel) or "qk" (both, the default). For ordered
-  tokens all the plans share the searches (`_search`): two small kernels per side on a
-  GPU, whatever the number of plans, and each skipped view saves a third of the needles.
-  Bounding-box plans always hold both views.
+  tokens all the plans share one batched binary search: on a GPU each of its log2(L)
+  steps is one small kernel, whatever the number of plans, and each skipped view saves
+  a third of its needles. Bounding-box plans always hold both views.
   """
   views = ["qk"] * len(shapes) if views is None else list(views)
   if len(views) != len(shapes) or not set(views) <= {"q", "k", "qk"}:
@@ -233,30 +233,21 @@ def _box_plan(tokens, q_hash, k_hash, block_q, block_k, strict) -> TilePlan:
   )  # fmt: skip
 
 
-def _search(hay_hash, hay_idx, needle_hash, needle_idx, *, length, inclusive: bool) -> jax.Array:
-  """How many of the first `length` [B, N] sorted (hash, idx) pairs of the haystack
-  ([B, N, L] arrays) come before each [B, N, M] needle (or equal, where `inclusive`).
-
-  Two counting reductions instead of a binary search: the pairs that end each block of
-  about sqrt(L) / 2 slots locate the needle's block, then the slots of that block its place.
-  On a GPU each reduction is one kernel; a binary search is log2(L) dependent ones."""
-  b, n, total = hay_hash.shape
-  m = needle_hash.shape[-1]
-  block = 1 << max(0, total.bit_length() // 2 - 1)
-  length = length[..., None, None]
-  nh, ni = needle_hash[..., None], needle_idx[..., None]
-
-  def before(h, i):
-    return (h < nh) | ((h == nh) & ((i < ni) | (inclusive & (i == ni))))
-
-  ends = np.arange(block - 1, total, block, dtype=np.int32)  # last slot of each whole block
-  whole = (ends < length) & before(hay_hash[..., None, ends], hay_idx[..., None, ends])
-  first = block * jnp.sum(whole, axis=-1, dtype=jnp.int32)  # slots in blocks wholly before
-  slot = first[..., None] + np.arange(block, dtype=np.int32)
-  at = jnp.minimum(slot, total - 1).reshape(b, n, m * block)
-  h = jnp.take_along_axis(hay_hash, at, axis=-1).reshape(b, n, m, block)
-  i = jnp.take_along_axis(hay_idx, at, axis=-1).reshape(b, n, m, block)
-  return first + jnp.sum((slot < length) & before(h, i), axis=-1, dtype=jnp.int32)
+def _search(hay_hash, hay_idx, needle_hash, needle_idx, *, offset, length, inclusive, max_length) -> jax.Array:
+  """How many of the `length` (at most `max_length`) sorted (hash, idx) pairs at `offset`
+  in the haystack ([B, N, L] arrays) come before each needle (or equal, where `inclusive`):
+  a binary search for [B, N, M] needles at once, unrolled into log2(max_length) gather steps."""
+  total = hay_hash.shape[-1]
+  count = jnp.zeros(needle_hash.shape, jnp.int32)
+  step = 1 << (max_length.bit_length() - 1)
+  while step:
+    candidate = count + step
+    at = jnp.clip(offset + jnp.minimum(candidate, length) - 1, 0, total - 1)
+    h, i = jnp.take_along_axis(hay_hash, at, axis=-1), jnp.take_along_axis(hay_idx, at, axis=-1)
+    before = (h < needle_hash) | ((h == needle_hash) & ((i < needle_idx) | (inclusive & (i == needle_idx))))
+    count = jnp.where((candidate <= length) & before, candidate, count)
+    step //= 2
+  return count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +279,7 @@ def _tile_ends(hashes: jax.Array, idx: jax.Array, count: jax.Array, block: int) 
 
 
 def _ordered_plans(tokens, q_hash, k_hash, requests, strict) -> list[TilePlan]:
-  """Plans from searches in the sorted order, for tokens whose real slots come first, in (hash, idx) order.
+  """Plans from binary searches, for tokens whose real slots come first, in (hash, idx) order.
 
   A query (h, t) may attend exactly the keys in [(h, -inf), (h, t)] (or below (h, t) when
   strict), one run of the key order; a key (h, s) is attended by the queries in
@@ -318,20 +309,19 @@ def _ordered_plans(tokens, q_hash, k_hash, requests, strict) -> list[TilePlan]:
     needles["k", bk, "lo"] = (e.first_hash, e.first_idx)  # the first key's first query
     needles["k", bk, "full_lo"] = (e.first_hash, e.last_idx)  # the last key's first query
     needles["k", bk, "hi"] = (e.last_hash, big(e.last_idx))  # the last key's bucket end
-  bounds = {}
-  for side, hay_hash, hay_idx, count in (("q", k_hash, tokens.k_idx, k_count), ("k", q_hash, tokens.q_idx, q_count)):
-    names = [name for name in needles if name[0] == side]
-    if not names:
-      continue
-    sizes = [needles[name][0].shape[-1] for name in names]
-    found = _search(
-        hay_hash, hay_idx,
-        jnp.concatenate([needles[name][0] for name in names], -1),
-        jnp.concatenate([needles[name][1] for name in names], -1),
-        length=count,
-        inclusive=(side == "q") != strict,  # queries include keys at their own position unless strict
-    )  # fmt: skip
-    bounds.update(zip(names, jnp.split(found, np.cumsum(sizes)[:-1], axis=-1), strict=True))
+  sizes = [h.shape[-1] for h, _ in needles.values()]
+  on_keys = np.concatenate([np.full(m, name[0] == "q") for name, m in zip(needles, sizes, strict=True)])
+  found = _search(
+      jnp.concatenate([k_hash, q_hash], -1),
+      jnp.concatenate([tokens.k_idx, tokens.q_idx], -1),
+      jnp.concatenate([h for h, _ in needles.values()], -1),
+      jnp.concatenate([i for _, i in needles.values()], -1),
+      offset=np.where(on_keys, 0, num_keys).astype(np.int32),
+      length=jnp.where(on_keys, k_count[..., None], q_count[..., None]),
+      inclusive=on_keys != strict,  # queries include keys at their own position unless strict
+      max_length=max(num_keys, tokens.q_idx.shape[-1]),
+  )
+  bounds = dict(zip(needles, jnp.split(found, np.cumsum(sizes)[:-1], axis=-1), strict=True))
 
   def view(lo, hi, full_lo, full_hi, ends, block):
     """Tile ranges from slot bounds on the other side, cut in tiles of `block`."""

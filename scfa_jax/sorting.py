@@ -41,7 +41,7 @@ class SortedTokens:
     k_hash: int32 [B, N, LK] bucket of slot j, or None when not hashed.
     ordered: static; True when, by construction, the real tokens fill the first slots in
       nondecreasing (hash, idx) order and padding follows (`by_bucket`, `by_keep_mask`),
-      which lets the tile plan search the sorted order. False for a caller's order
+      which lets the tile plan use binary searches. False for a caller's order
       (`presorted`) and for `align_runs`, whose empty slots sit between the runs.
   """
 
