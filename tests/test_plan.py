@@ -265,3 +265,29 @@ def test_plans_built_together_equal_plans_built_alone():
     one_view[0].to_dense("k")
   with pytest.raises(ValueError, match="views must hold"):
     plan_lib.make_plans(tokens, shapes, strict=True, views=["q"])
+
+
+@pytest.mark.parametrize("total", [1, 2, 7, 64, 300, 1025])
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_search_counts_the_pairs_before_each_needle(total, inclusive):
+  """The unrolled binary search against a count over every pair: needles inside, between,
+  before and after the haystack's runs, and lengths from 0 to all of it."""
+  rng = np.random.default_rng(total)
+  b, n, m = 2, 3, 50
+  hashes = rng.integers(0, 4, (b, n, total))
+  idx = np.stack([rng.choice(4 * total, total, replace=False) for _ in range(b * n)]).reshape(b, n, total)
+  order = np.lexsort((idx, hashes), axis=-1)  # sorted by (hash, idx) per head
+  hashes, idx = np.take_along_axis(hashes, order, -1), np.take_along_axis(idx, order, -1)
+  length = np.broadcast_to(rng.integers(0, total + 1, (b, n, 1)), (b, n, m))
+  needle_hash = rng.integers(-1, 6, (b, n, m))
+  needle_idx = rng.integers(-2, 4 * total + 2, (b, n, m))
+  needle_idx[..., :5] = idx[..., :1]  # exact hits
+  found = plan_lib._search(
+      jnp.asarray(hashes), jnp.asarray(idx), jnp.asarray(needle_hash), jnp.asarray(needle_idx),
+      offset=0, length=jnp.asarray(length), inclusive=inclusive, max_length=total,
+  )  # fmt: skip
+  h, i = hashes[..., None, :], idx[..., None, :]
+  nh, ni = needle_hash[..., None], needle_idx[..., None]
+  before = (h < nh) | ((h == nh) & ((i < ni) | (inclusive & (i == ni))))
+  real = np.arange(total) < length[..., None]
+  np.testing.assert_array_equal(np.asarray(found), np.sum(before & real, axis=-1))
