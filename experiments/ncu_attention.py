@@ -10,11 +10,15 @@ The first call compiles and launches each SCFA kernel once; skip those launches:
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_attention import make_case
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
+
+from experiments.bench_attention import make_case  # noqa: E402
 
 
 def main() -> None:

@@ -19,14 +19,18 @@ import collections
 import dataclasses
 import functools
 import json
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_attention import CASES, make_case, timings, versions
-from scfa_jax import core, sorting, triton_backend
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
+
+from experiments.bench_attention import CASES, make_case, timings, versions  # noqa: E402
+from scfa_jax import core, sorting, triton_backend  # noqa: E402
 
 BASES = {
     "table": lambda h, hashed: triton_backend.kernel_config("triton", h, hashed),

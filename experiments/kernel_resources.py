@@ -1,0 +1,114 @@
+"""Registers, shared memory and programs per SM of each SCFA kernel, from an sm_90 build.
+
+No GPU needed: Triton compiles the kernels for sm_90 with the ptxas it ships, and its
+cuobjdump reads the registers back. Short hash-mode programs (a few tiles each) are bound
+by how many programs an SM holds, and registers usually decide that, so this explains the
+tile table (`triton_backend._GPU_CONFIGS`) without a device. It uses the installed Triton,
+whose register counts can differ from another version's by a few.
+
+  python experiments/kernel_resources.py                      # the table's entries
+  python experiments/kernel_resources.py --variants=hash_table+block_n=64+num_stages=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
+
+from experiments.profile_attention import BASES, variant  # noqa: E402
+
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM = 228 * 1024  # sm_90, of which one program may take 227 KiB
+MAX_PROGRAMS_PER_SM = 32
+_ROWS = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
+
+
+def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
+  """Resident programs per SM: registers are allocated per warp in units of 256."""
+  per_warp = -(-registers * 32 // 256) * 256
+  by_registers = REGISTERS_PER_SM // (per_warp * num_warps)
+  by_shared = SHARED_PER_SM // max(shared + 1024, 1)  # the driver reserves 1 KiB per program
+  return min(by_registers, by_shared, MAX_PROGRAMS_PER_SM)
+
+
+def resources(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+  """Registers and shared bytes of `kernel` built for sm_90 with these constexprs."""
+  import triton  # noqa: PLC0415
+  from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+  from triton.compiler import ASTSource  # noqa: PLC0415
+
+  signature, attrs = {}, {}
+  for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+    if name in constexprs:
+      signature[name] = "constexpr"
+    elif name.endswith("_ptr"):
+      signature[name] = "*bf16" if name in _ROWS else "*fp32" if name in ("lse_ptr", "delta_ptr") else "*i32"
+      attrs[(i,)] = [["tt.divisibility", 16]]  # as jax-triton's buffers are
+    else:
+      signature[name] = "i32"
+  compiled = triton.compile(
+      ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+      target=GPUTarget("cuda", 90, 32),
+      options=dict(num_warps=num_warps, num_stages=num_stages),
+  )
+  cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+  with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(compiled.asm["cubin"])
+    f.flush()
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+  registers = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+  shared = compiled.metadata.shared
+  return dict(registers=registers, shared=shared, programs_per_sm=programs_per_sm(registers, shared, num_warps))
+
+
+def kernel_rows(spec: str, head_dim: int, hashed: bool) -> list[dict]:
+  """One row per kernel (forward, dQ, dK/dV) of variant `spec` (profile_attention's spelling)."""
+  from scfa_jax.kernels import attention  # noqa: PLC0415
+
+  tiles = variant(spec)(head_dim, hashed)
+  base = dict(
+      QK_SCALE=0.18, N=48, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False,
+      PRECISION="tf32", ONE_LOOP=tiles.one_loop, ALIGNED=True,
+  )  # fmt: skip
+  kernels = (
+      ("fwd", attention.scfa_fwd, tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, {}),
+      ("dq", attention.scfa_bwd_dq, tiles.block_m2, tiles.block_n2, tiles.bwd_num_warps, tiles.bwd_num_stages,
+       dict(SM_SCALE=0.125)),
+      ("dkdv", attention.scfa_bwd_dkdv, tiles.block_m1, tiles.block_n1, tiles.bwd_num_warps, tiles.bwd_num_stages,
+       dict(SM_SCALE=0.125)),
+  )  # fmt: skip
+  rows = []
+  for name, kernel, block_m, block_n, warps, stages, extra in kernels:
+    constexprs = dict(base, BLOCK_M=block_m, BLOCK_N=block_n, **extra)
+    row = dict(variant=spec, head_dim=head_dim, hashed=hashed, kernel=name, tile=f"{block_m}x{block_n}")
+    rows.append(dict(row, warps=warps, stages=stages, **resources(kernel, constexprs, warps, stages)))
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--variants", default="table", help=f"bases {list(BASES)} with +field=value overrides")
+  parser.add_argument("--head_dims", default="64,128")
+  args = parser.parse_args()
+  print(f"{'variant':40s} {'H':>3s} {'mode':4s} {'kernel':6s} {'tile':7s} warps stages registers shared programs/SM")
+  for spec in args.variants.split(","):
+    for head_dim in (int(h) for h in args.head_dims.split(",")):
+      for hashed in (False, True):
+        for r in kernel_rows(spec, head_dim, hashed):
+          print(
+              f"{spec:40s} {head_dim:3d} {'hash' if hashed else 'qk':4s} {r['kernel']:6s} {r['tile']:7s} "
+              f"{r['warps']:5d} {r['stages']:6d} {r['registers']:9d} {r['shared']:6d} {r['programs_per_sm']:11d}",
+              flush=True,
+          )
+
+
+if __name__ == "__main__":
+  main()
