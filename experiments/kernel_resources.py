@@ -28,15 +28,16 @@ from experiments.profile_attention import BASES, variant  # noqa: E402
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024  # sm_90, of which one program may take 227 KiB
 MAX_PROGRAMS_PER_SM = 32
-_ROWS = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
+MAX_WARPS_PER_SM = 64
+_BF16_PTRS = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
 
 
 def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
   """Resident programs per SM: registers are allocated per warp in units of 256."""
   per_warp = -(-registers * 32 // 256) * 256
   by_registers = REGISTERS_PER_SM // (per_warp * num_warps)
-  by_shared = SHARED_PER_SM // max(shared + 1024, 1)  # the driver reserves 1 KiB per program
-  return min(by_registers, by_shared, MAX_PROGRAMS_PER_SM)
+  by_shared = SHARED_PER_SM // (shared + 1024)  # the driver reserves 1 KiB per program
+  return min(by_registers, by_shared, MAX_WARPS_PER_SM // num_warps, MAX_PROGRAMS_PER_SM)
 
 
 def resources(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict:
@@ -50,7 +51,8 @@ def resources(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict
     if name in constexprs:
       signature[name] = "constexpr"
     elif name.endswith("_ptr"):
-      signature[name] = "*bf16" if name in _ROWS else "*fp32" if name in ("lse_ptr", "delta_ptr") else "*i32"
+      is_f32 = name in ("lse_ptr", "delta_ptr")
+      signature[name] = "*bf16" if name in _BF16_PTRS else "*fp32" if is_f32 else "*i32"
       attrs[(i,)] = [["tt.divisibility", 16]]  # as jax-triton's buffers are
     else:
       signature[name] = "i32"
@@ -63,10 +65,13 @@ def resources(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict
   with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
     f.write(compiled.asm["cubin"])
     f.flush()
-    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    usage = subprocess.run(
+        [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+    )
   registers = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
   shared = compiled.metadata.shared
-  return dict(registers=registers, shared=shared, programs_per_sm=programs_per_sm(registers, shared, num_warps))
+  programs = programs_per_sm(registers, shared, num_warps)
+  return dict(registers=registers, shared=shared, programs_per_sm=programs)
 
 
 def kernel_rows(spec: str, head_dim: int, hashed: bool) -> list[dict]:
@@ -75,16 +80,17 @@ def kernel_rows(spec: str, head_dim: int, hashed: bool) -> list[dict]:
 
   tiles = variant(spec)(head_dim, hashed)
   base = dict(
-      QK_SCALE=0.18, N=48, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False,
+      QK_SCALE=0.18,  # about 0.125 * log2(e); its value does not change the resources
+      N=48, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False,
       PRECISION="tf32", ONE_LOOP=tiles.one_loop, ALIGNED=True,
   )  # fmt: skip
+  fwd_launch = (tiles.num_warps, tiles.num_stages, {})
+  bwd_launch = (tiles.bwd_num_warps, tiles.bwd_num_stages, dict(SM_SCALE=0.125))
   kernels = (
-      ("fwd", attention.scfa_fwd, tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, {}),
-      ("dq", attention.scfa_bwd_dq, tiles.block_m2, tiles.block_n2, tiles.bwd_num_warps, tiles.bwd_num_stages,
-       dict(SM_SCALE=0.125)),
-      ("dkdv", attention.scfa_bwd_dkdv, tiles.block_m1, tiles.block_n1, tiles.bwd_num_warps, tiles.bwd_num_stages,
-       dict(SM_SCALE=0.125)),
-  )  # fmt: skip
+      ("fwd", attention.scfa_fwd, tiles.block_m, tiles.block_n, *fwd_launch),
+      ("dq", attention.scfa_bwd_dq, tiles.block_m2, tiles.block_n2, *bwd_launch),
+      ("dkdv", attention.scfa_bwd_dkdv, tiles.block_m1, tiles.block_n1, *bwd_launch),
+  )
   rows = []
   for name, kernel, block_m, block_n, warps, stages, extra in kernels:
     constexprs = dict(base, BLOCK_M=block_m, BLOCK_N=block_n, **extra)
@@ -98,14 +104,16 @@ def main() -> None:
   parser.add_argument("--variants", default="table", help=f"bases {list(BASES)} with +field=value overrides")
   parser.add_argument("--head_dims", default="64,128")
   args = parser.parse_args()
-  print(f"{'variant':40s} {'H':>3s} {'mode':4s} {'kernel':6s} {'tile':7s} warps stages registers shared programs/SM")
+  header = f"{'variant':40s} {'H':>3s} {'mode':4s} {'kernel':6s} {'tile':7s}"
+  print(header, "warps stages registers shared programs/SM")
   for spec in args.variants.split(","):
     for head_dim in (int(h) for h in args.head_dims.split(",")):
       for hashed in (False, True):
         for r in kernel_rows(spec, head_dim, hashed):
+          mode = "hash" if hashed else "qk"
           print(
-              f"{spec:40s} {head_dim:3d} {'hash' if hashed else 'qk':4s} {r['kernel']:6s} {r['tile']:7s} "
-              f"{r['warps']:5d} {r['stages']:6d} {r['registers']:9d} {r['shared']:6d} {r['programs_per_sm']:11d}",
+              f"{spec:40s} {head_dim:3d} {mode:4s} {r['kernel']:6s} {r['tile']:7s} {r['warps']:5d} "
+              f"{r['stages']:6d} {r['registers']:9d} {r['shared']:6d} {r['programs_per_sm']:11d}",
               flush=True,
           )
 

@@ -5,8 +5,9 @@ public function (sort, plans, kernels) under CUPTI (through torch.profiler, whic
 every kernel in the process, JAX's and jax-triton's too) and sums GPU time per stage:
 the sort, the other XLA kernels (tile plans, bucket alignment, casts), and each SCFA
 kernel. The wall time (do_bench median, dispatch included; and pipelined, calls back to
-back) is reported next to it, and next to cuDNN's. Tile configs (variants: a `KernelConfig` per head dim and mode) run side
-by side, their outputs checked against the first's (see `variant` for the spelling).
+back) is reported next to it, and next to cuDNN's (whose kernels count as "xla_other").
+Tile configs (variants: a `KernelConfig` per head dim and mode) run side by side, their
+outputs checked against the first's (see `variant` for the spelling).
 
   python experiments/profile_attention.py --seq_len=16384 --cases=all,hash16,hash64,drop70 \
       --out=profile.json
@@ -87,7 +88,9 @@ def pipelined_ms(fn, *args, calls: int = 50) -> float:
   the host's dispatch hides behind the previous call's kernels, unlike in do_bench."""
   jax.block_until_ready(fn(*args))
   start = time.perf_counter()
-  jax.block_until_ready([fn(*args) for _ in range(calls)])
+  for _ in range(calls):
+    out = fn(*args)  # only the last call's outputs stay alive; one stream runs them in order
+  jax.block_until_ready(out)
   return (time.perf_counter() - start) * 1e3 / calls
 
 
@@ -149,7 +152,8 @@ def _print(row):
     gpu += f" (plans alone {row['gpu_plans_ms']:.3f}; {row['launches_fwd_bwd']:.0f} launches)"
   print(
       f"{row['case']:7s} {row.get('variant', ''):15s} fwd {row['fwd_ms']:7.3f} bwd {row['bwd_ms']:7.3f} "
-      f"fwd+bwd {row['fwd_bwd_ms']:7.3f} (pipelined {row['fwd_bwd_pipelined_ms']:7.3f}) ms | GPU: {gpu} {errors}",
+      f"fwd+bwd {row['fwd_bwd_ms']:7.3f} (pipelined {row['fwd_bwd_pipelined_ms']:7.3f}) ms "
+      f"| GPU: {gpu} {errors}",
       flush=True,
   )
 
@@ -172,7 +176,12 @@ def main() -> None:
   print(json.dumps(info), flush=True)
   dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
   do = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
-  dense_fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(dense, q, k, v)[1](do))
+
+  def dense_fwd_bwd(q, k, v, do):  # what the SCFA cases' fwd_bwd returns: O and the gradients
+    out, vjp = jax.vjp(dense, q, k, v)
+    return out, vjp(do)
+
+  dense_fwd_bwd = jax.jit(dense_fwd_bwd)
   rows = [dict(case="cudnn", T=t, **timings(dense, q, k, v, rep_ms=args.rep_ms))]
   rows[0]["fwd_bwd_pipelined_ms"] = pipelined_ms(dense_fwd_bwd, q, k, v, do)
   rows[0]["gpu_fwd_bwd_ms"] = gpu_ms(dense_fwd_bwd, q, k, v, do)

@@ -62,13 +62,16 @@ class KernelConfig:
 # ranges are short runs inside buckets: 64-row tiles and one software-pipelined loop
 # (hash-64 at T=16384: kernels 5.8 -> 4.3 ms). Their programs are a few tiles long, so
 # programs per SM (registers) beat pipeline depth: the forward's 64x32 tiles with 2 stages
-# take 96 registers against 160 for 64x64 with 3 (5 programs per SM, not 3): hash-64
-# forward -20%, hash-16 -9%, hash-2 +6% (results/profile_h200_occupancy.json).
+# take 96 registers against 160 for 64x64 with 3 (5 programs per SM, not 3; Triton 3.9's
+# sm_90 build, experiments/kernel_resources.py): hash-64 forward -20%, hash-16 -9%,
+# hash-2 +6% at H=64 (results/profile_h200_occupancy.json; other head dims untimed).
 _QK_CONFIG = KernelConfig(
     block_m=128, block_n=64, block_m1=32, block_n1=128, block_m2=64, block_n2=32,
     num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=5,
 )  # fmt: skip
-_HASH_CONFIG = dataclasses.replace(_QK_CONFIG, block_m=64, block_n=32, num_stages=2, block_n1=64, one_loop=True)
+_HASH_CONFIG = dataclasses.replace(
+    _QK_CONFIG, block_m=64, block_n=32, num_stages=2, block_n1=64, one_loop=True
+)
 _GPU_CONFIGS = {
     (h, hashed): config if h < 128 else dataclasses.replace(config, num_warps=8, bwd_num_warps=8, bwd_num_stages=3)
     for h in HEAD_DIMS

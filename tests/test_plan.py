@@ -268,26 +268,40 @@ def test_plans_built_together_equal_plans_built_alone():
 
 
 @pytest.mark.parametrize("total", [1, 2, 7, 64, 300, 1025])
-@pytest.mark.parametrize("inclusive", [False, True])
-def test_search_counts_the_pairs_before_each_needle(total, inclusive):
-  """The unrolled binary search against a count over every pair: needles inside, between,
-  before and after the haystack's runs, and lengths from 0 to all of it."""
+def test_search_counts_the_pairs_before_each_needle(total):
+  """The unrolled binary search against a count over every pair, used as `_ordered_plans`
+  uses it: two sorted sides in one haystack (offsets 0 and `total`), a length and an
+  `inclusive` per needle; needles inside, between, before and after the runs, on exact
+  pairs, and lengths from 0 to a whole side."""
   rng = np.random.default_rng(total)
-  b, n, m = 2, 3, 50
-  hashes = rng.integers(0, 4, (b, n, total))
-  idx = np.stack([rng.choice(4 * total, total, replace=False) for _ in range(b * n)]).reshape(b, n, total)
-  order = np.lexsort((idx, hashes), axis=-1)  # sorted by (hash, idx) per head
-  hashes, idx = np.take_along_axis(hashes, order, -1), np.take_along_axis(idx, order, -1)
-  length = np.broadcast_to(rng.integers(0, total + 1, (b, n, 1)), (b, n, m))
+  b, n, m = 2, 3, 60
+
+  def side():
+    hashes = rng.integers(0, 4, (b, n, total))
+    idx = np.stack([rng.choice(4 * total, total, replace=False) for _ in range(b * n)]).reshape(b, n, total)
+    order = np.lexsort((idx, hashes), axis=-1)  # sorted by (hash, idx) per head
+    return np.take_along_axis(hashes, order, -1), np.take_along_axis(idx, order, -1)
+
+  (h0, i0), (h1, i1) = side(), side()
+  hay_hash, hay_idx = np.concatenate([h0, h1], -1), np.concatenate([i0, i1], -1)
+  on_second = np.arange(m) >= m // 2
+  offset = np.where(on_second, total, 0).astype(np.int32)
+  counts = rng.integers(0, total + 1, (b, n, 2))
+  length = np.where(on_second, counts[..., 1:], counts[..., :1])
+  inclusive = np.arange(m) % 3 == 0
   needle_hash = rng.integers(-1, 6, (b, n, m))
   needle_idx = rng.integers(-2, 4 * total + 2, (b, n, m))
-  needle_idx[..., :5] = idx[..., :1]  # exact hits
+  hits = offset[None, None, :] + rng.integers(0, total, (b, n, m))  # exact pairs of the own side
+  exact = np.arange(m) % 2 == 0
+  needle_hash = np.where(exact, np.take_along_axis(hay_hash, hits, -1), needle_hash)
+  needle_idx = np.where(exact, np.take_along_axis(hay_idx, hits, -1), needle_idx)
   found = plan_lib._search(
-      jnp.asarray(hashes), jnp.asarray(idx), jnp.asarray(needle_hash), jnp.asarray(needle_idx),
-      offset=0, length=jnp.asarray(length), inclusive=inclusive, max_length=total,
+      jnp.asarray(hay_hash), jnp.asarray(hay_idx), jnp.asarray(needle_hash), jnp.asarray(needle_idx),
+      offset=offset, length=jnp.asarray(length), inclusive=inclusive, max_length=total,
   )  # fmt: skip
-  h, i = hashes[..., None, :], idx[..., None, :]
+  slots = np.arange(2 * total)
+  own = (slots >= offset[:, None]) & (slots < offset[:, None] + length[..., None])  # [B, N, M, 2T]
+  h, i = hay_hash[..., None, :], hay_idx[..., None, :]
   nh, ni = needle_hash[..., None], needle_idx[..., None]
-  before = (h < nh) | ((h == nh) & ((i < ni) | (inclusive & (i == ni))))
-  real = np.arange(total) < length[..., None]
-  np.testing.assert_array_equal(np.asarray(found), np.sum(before & real, axis=-1))
+  before = (h < nh) | ((h == nh) & ((i < ni) | (inclusive[:, None] & (i == ni))))
+  np.testing.assert_array_equal(np.asarray(found), np.sum(before & own, axis=-1))
