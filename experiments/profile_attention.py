@@ -53,7 +53,7 @@ def variant(spec: str):
 
 
 def stage(kernel_name: str) -> str:
-  for name in ("scfa_fwd", "scfa_bwd_dq", "scfa_bwd_dkdv"):
+  for name in ("scfa_fwd", "scfa_bwd_dq", "scfa_bwd_dkdv", "scfa_plan"):
     if name in kernel_name:
       return name
   if any(word in kernel_name.lower() for word in ("sort", "radix", "cub::")):

@@ -47,6 +47,9 @@ class KernelConfig:
   # Hashed tokens: pad each bucket's run to a tile boundary (sorting.align_runs). Off: its
   # jnp work cost more than the kernels gained (results/profile_h200_16k_align.json).
   align_buckets: bool = False
+  # Ordered tokens' plans from one launch of kernels/plan.py per view; False: plan.py's jnp
+  # searches, one small XLA kernel per step (kept to compare).
+  plan_kernel: bool = True
 
   @property
   def align(self) -> int:
@@ -96,6 +99,12 @@ def _kernels():
   from scfa_jax.kernels import attention  # noqa: PLC0415  (imports triton)
 
   return attention
+
+
+def _plan_kernels():
+  from scfa_jax.kernels import plan  # noqa: PLC0415  (imports triton)
+
+  return plan
 
 
 _INTERPRETER_LOCK = threading.Lock()
@@ -198,8 +207,9 @@ def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps
 
     tensors = iter(torch.from_numpy(np.array(a)) for a in arrays)
     args = [next(tensors) if array else x for x, array in zip(inputs, is_array, strict=True)]
-    # NaN-poisoned outputs: a row the kernel forgets to write fails every test.
-    outputs = [torch.full(s.shape, float("nan"), dtype=getattr(torch, str(s.dtype))) for s in out_shapes]
+    # Poisoned outputs (NaN, or the smallest integer): an element the kernel forgets to write fails every test.
+    poison = lambda dtype: float("nan") if jnp.issubdtype(dtype, jnp.floating) else int(jnp.iinfo(dtype).min)
+    outputs = [torch.full(s.shape, poison(s.dtype), dtype=getattr(torch, str(s.dtype))) for s in out_shapes]
     with _interpreting():
       _interpreted(kernel.fn)[grid](*args, *outputs, **meta)
     return tuple(o.numpy() for o in outputs)
@@ -261,14 +271,53 @@ class Plans:
   dq: plan_lib.TilePlan | None
 
 
+_PLAN_TILES = 128  # tiles per plan program: one per thread of 4 warps
+
+
+def plan_view(implementation, tokens: SortedTokens, block_q: int, block_k: int, *, strict: bool, view: str):
+  """One view of the tile plan of ordered tokens (`plan.make_plan`'s rules), in one launch
+  of `kernels/plan.py`: "q" for the forward and dQ kernels, "k" for the dK/dV kernel."""
+  if not tokens.ordered:
+    raise ValueError("plan_view takes ordered tokens (by_bucket, by_keep_mask); use plan.make_plan for others")
+  if view not in ("q", "k"):
+    raise ValueError(f"view must be 'q' or 'k', got {view=}")
+  hashes = (tokens.q_hash, tokens.k_hash) if tokens.hashed else (tokens.q_idx, tokens.k_idx)
+  sides = [(tokens.q_idx, hashes[0], block_q), (tokens.k_idx, hashes[1], block_k)]
+  (own_idx, own_hash, block), (other_idx, other_hash, other_block) = sides if view == "q" else sides[::-1]
+  b, n, length = own_idx.shape
+  num_tiles = -(-length // block)
+  tiles = min(_PLAN_TILES, max(16, 1 << (num_tiles - 1).bit_length()))
+  ranges = _launch(
+      implementation, _plan_kernels().scfa_plan, name=f"scfa_plan_{view}", grid=(-(-num_tiles // tiles), b * n),
+      inputs=(own_idx, own_hash, other_idx, other_hash, length, other_idx.shape[-1]),
+      out_shapes=[jax.ShapeDtypeStruct((b, n, num_tiles), jnp.int32)] * 4, num_warps=4, num_stages=1,
+      BLOCK=block, OTHER_BLOCK=other_block, QUERY_MAJOR=view == "q", STRICT=strict, HASHED=tokens.hashed,
+      TILES=tiles, LOG_LENGTH=max(length, other_idx.shape[-1]).bit_length(),
+  )  # fmt: skip
+  empty = (None,) * 4
+  return plan_lib.TilePlan(
+      *(ranges if view == "q" else empty), *(empty if view == "q" else ranges), block_q=block_q, block_k=block_k,
+      num_q_tiles=-(-tokens.q_idx.shape[-1] // block_q), num_k_tiles=-(-tokens.k_idx.shape[-1] // block_k),
+  )  # fmt: skip
+
+
 def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
   """The forward plan, and with `backward` the dQ and dK/dV plans too, each with the one
-  view its kernel reads: one batched search."""
+  view its kernel reads. Ordered tokens take one plan kernel launch per distinct view;
+  other orders (or `plan_kernel=False`) plan.py's jnp."""
   tiles = _tiles(config, q.shape[-1], tokens)
   shapes = [(tiles.block_m, tiles.block_n)]
   if backward:
     shapes += [(tiles.block_m1, tiles.block_n1), (tiles.block_m2, tiles.block_n2)]
-  plans = plan_lib.make_plans(tokens, shapes, strict=config.strict, views=["q", "k", "q"][: len(shapes)])
+  views = ["q", "k", "q"][: len(shapes)]
+  if not (tokens.ordered and tiles.plan_kernel):
+    plans = plan_lib.make_plans(tokens, shapes, strict=config.strict, views=views)
+  else:
+    built = {}
+    for shape, view in zip(shapes, views, strict=True):
+      if (shape, view) not in built:  # the hash table's forward and dQ tiles coincide
+        built[shape, view] = plan_view(config.implementation, tokens, *shape, strict=config.strict, view=view)
+    plans = [built[shape, view] for shape, view in zip(shapes, views, strict=True)]
   return Plans(*plans) if backward else Plans(plans[0], None, None)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import scfa_jax
 from scfa_jax import reference
+from tests.plan_kernel_check import check_plan_kernel, plan_kernel_cases
 
 pytestmark = [
     pytest.mark.gpu,
@@ -158,3 +159,11 @@ def test_default_implementation_is_triton_and_shard_map_works():
     out = sharded(*args)
   assert _rel(out, explicit) < 1e-6
   assert bool(jnp.all(jnp.isfinite(grads)))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_plan_kernel_matches_the_jnp_plan(strict):
+  """kernels/plan.py as the GPU compiles it, at the tile table's shapes and a long side
+  (several programs per head)."""
+  for tokens in plan_kernel_cases(long=20000):
+    check_plan_kernel("triton", tokens, [(64, 32), (32, 64), (128, 64), (16, 16)], strict)

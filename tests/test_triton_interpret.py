@@ -15,6 +15,7 @@ import pytest
 import scfa_jax
 from scfa_jax import reference
 from tests.test_attention_xla import _buckets, _check_against, _qkv, run_shard_map_check
+from tests.plan_kernel_check import check_plan_kernel, plan_kernel_cases
 
 pytest.importorskip("torch", reason="the interpreter's tensors")
 pytest.importorskip("triton")
@@ -193,3 +194,15 @@ def test_shard_map_over_the_batch_axis():
   # check_vma=False: custom calls carry no varying-axes type, so custom_vjp would reject
   # their gradients under the check (the same holds for jax-triton on a GPU).
   run_shard_map_check(IMPL, check_vma=False)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_plan_kernel_matches_the_jnp_plan(strict):
+  """kernels/plan.py against plan.py's searches, exactly; unordered tokens are refused."""
+  from scfa_jax import sorting, triton_backend  # noqa: PLC0415
+
+  for tokens in plan_kernel_cases(long=2100):
+    check_plan_kernel(IMPL, tokens, [(16, 32), (32, 16)], strict)
+  presorted = sorting.presorted(jnp.zeros((1, 8, 1), jnp.int32), jnp.zeros((1, 8, 1), jnp.int32))
+  with pytest.raises(ValueError, match="ordered tokens"):
+    triton_backend.plan_view(IMPL, presorted, 16, 16, strict=strict, view="q")
