@@ -94,6 +94,38 @@ def pipelined_ms(fn, *args, calls: int = 50) -> float:
   return (time.perf_counter() - start) * 1e3 / calls
 
 
+_TIMELINE_CATEGORIES = ("cuda_runtime", "cuda_driver", "kernel", "gpu_memcpy", "gpu_memset")
+
+
+def timeline(fn, *args) -> dict:
+  """One call of fn(*args) after warm-up: its host CUDA API calls and GPU kernels on one
+  clock (CUPTI through torch.profiler), in microseconds from the call's first event, and
+  `prefix_us`, the GPU time from the first kernel to the first SCFA kernel's start: the
+  part of a call-by-call timing where the GPU mostly waits for the host's launches."""
+  import tempfile  # noqa: PLC0415
+
+  from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+  jax.block_until_ready(fn(*args))
+  with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    jax.block_until_ready(fn(*args))
+  with tempfile.NamedTemporaryFile(suffix=".json") as f:
+    prof.export_chrome_trace(f.name)
+    events = json.load(open(f.name))["traceEvents"]
+  events = sorted(
+      (e for e in events if e.get("ph") == "X" and e.get("cat") in _TIMELINE_CATEGORIES), key=lambda e: e["ts"]
+  )
+  kernels = [e for e in events if e["cat"] == "kernel"]
+  end = max(e["ts"] + e["dur"] for e in kernels)
+  events = [e for e in events if e["ts"] <= end]  # not the profiler's own calls at its exit
+  start = events[0]["ts"]
+  first_scfa = min((e["ts"] for e in kernels if e["name"].startswith("scfa_") and "plan" not in e["name"]), default=end)
+  return dict(
+      prefix_us=first_scfa - kernels[0]["ts"],
+      events=[f"{e['ts'] - start:9.1f} {e['dur']:8.1f} {e['cat']:12s} {e['name'][:70]}" for e in events],
+  )
+
+
 def _sort(mode, q_masks, k_masks) -> sorting.SortedTokens:
   return sorting.by_bucket(q_masks, k_masks) if mode == "hash" else sorting.by_keep_mask(q_masks, k_masks)
 
@@ -103,7 +135,7 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def profile_case(case, q, k, v, t, rep_ms, variants, list_kernels=False):
+def profile_case(case, q, k, v, t, rep_ms, variants, list_kernels=False, with_timeline=False):
   b, _, n, h = q.shape
   mode = CASES[case][0]
   _, qm, km, density = make_case(case, b, t, n, seed=t)
@@ -133,6 +165,8 @@ def profile_case(case, q, k, v, t, rep_ms, variants, list_kernels=False):
     row["fwd_bwd_pipelined_ms"] = pipelined_ms(jax.jit(fwd_bwd), q, k, v, do, qm, km)
     row["gpu_fwd_bwd_ms"] = gpu_ms(jax.jit(fwd_bwd), q, k, v, do, qm, km, kernels=kernels)
     row["launches_fwd_bwd"] = sum(count for _, count, _ in kernels)
+    if with_timeline:
+      row["timeline_fwd_bwd"] = timeline(jax.jit(fwd_bwd), q, k, v, do, qm, km)
     if list_kernels:
       row["kernels_fwd_bwd"] = sorted(kernels, key=lambda x: -x[2])
     tokens = jax.jit(functools.partial(_sort, mode))(qm, km)
@@ -150,6 +184,8 @@ def _print(row):
   errors = " ".join(f"{key[8:]}={val:.1e}" for key, val in row.items() if key.startswith("rel_err"))
   if "gpu_plans_ms" in row:
     gpu += f" (plans alone {row['gpu_plans_ms']:.3f}; {row['launches_fwd_bwd']:.0f} launches)"
+  if "timeline_fwd_bwd" in row:
+    gpu += f" prefix {row['timeline_fwd_bwd']['prefix_us']:.0f} us"
   print(
       f"{row['case']:7s} {row.get('variant', ''):15s} fwd {row['fwd_ms']:7.3f} bwd {row['bwd_ms']:7.3f} "
       f"fwd+bwd {row['fwd_bwd_ms']:7.3f} (pipelined {row['fwd_bwd_pipelined_ms']:7.3f}) ms "
@@ -169,6 +205,7 @@ def main() -> None:
   parser.add_argument("--rep_ms", type=int, default=100)
   parser.add_argument("--out", default="")
   parser.add_argument("--list_kernels", action="store_true", help="record every kernel's launches and GPU time")
+  parser.add_argument("--timeline", action="store_true", help="record one call's host API calls and kernels")
   args = parser.parse_args()
   b, n, h, t = args.batch, args.heads, args.head_dim, args.seq_len
   q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (b, t, n, h), jnp.bfloat16) for i in range(3))
@@ -188,7 +225,7 @@ def main() -> None:
   _print(rows[0])
   variants = {spec: variant(spec) for spec in args.variants.split(",")}
   for case in args.cases.split(","):
-    for row in profile_case(case, q, k, v, t, args.rep_ms, variants, args.list_kernels):
+    for row in profile_case(case, q, k, v, t, args.rep_ms, variants, args.list_kernels, args.timeline):
       _print(row)
       rows.append(row)
     if args.out:

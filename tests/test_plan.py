@@ -223,6 +223,29 @@ def test_by_keep_mask_compacts_in_time_order_with_pads():
   np.testing.assert_array_equal(tokens.k_idx[0, 0], [0, 2, 4, sorting.K_PAD, sorting.K_PAD])
 
 
+@pytest.mark.parametrize("s", [77, 50])
+def test_each_side_sorts_by_its_own_keys_whether_sorted_together_or_not(s):
+  """With T == S both sides share one sort (stacked along the batch); each side must still
+  get exactly its own order, the same as when T != S sorts them apart."""
+  rng = np.random.default_rng(5)
+  qb, kb = rng.integers(0, 5, (2, 77, 3)), rng.integers(0, 5, (2, s, 3))
+  q_keep, k_keep = rng.random((2, 77, 3)) < 0.5, rng.random((2, s, 3)) < 0.3
+  hashed = sorting.by_bucket(jnp.asarray(qb), jnp.asarray(kb))
+  dropped = sorting.by_keep_mask(jnp.asarray(q_keep), jnp.asarray(k_keep))
+  for b, n in np.ndindex(2, 3):
+    for keys, perm, hashes in ((qb, hashed.q_perm, hashed.q_hash), (kb, hashed.k_perm, hashed.k_hash)):
+      order = np.argsort(keys[b, :, n], kind="stable")
+      np.testing.assert_array_equal(perm[b, n], order)
+      np.testing.assert_array_equal(hashes[b, n], keys[b, order, n])
+    for keep, perm, idx, pad in (
+        (q_keep, dropped.q_perm, dropped.q_idx, sorting.Q_PAD),
+        (k_keep, dropped.k_perm, dropped.k_idx, sorting.K_PAD),
+    ):
+      order = np.argsort(~keep[b, :, n], kind="stable")
+      np.testing.assert_array_equal(perm[b, n], order)
+      np.testing.assert_array_equal(idx[b, n], np.where(keep[b, order, n], order, pad))
+
+
 def test_gather_and_scatter_rows_are_inverse():
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(2, 33, 3, 4)))
