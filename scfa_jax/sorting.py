@@ -84,7 +84,7 @@ def _stable_sort_both(q_keys: jax.Array, k_keys: jax.Array):
   """`_stable_sort` of the query and the key side: one sort of both when their shapes and
   dtypes agree (T == S). Each XLA sort costs about 45 us of host time per call (a pageable
   copy, occupancy queries, two launches), during which the GPU waits for its first
-  attention kernel (experiments/results/profile_h200_timeline.json)."""
+  attention kernel (experiments/results/profile_h200_timeline_4k.json)."""
   if q_keys.shape != k_keys.shape or q_keys.dtype != k_keys.dtype:
     return _stable_sort(q_keys), _stable_sort(k_keys)
   b = q_keys.shape[0]
