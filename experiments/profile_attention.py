@@ -3,8 +3,8 @@
 For each case at one T (B=4, N=48, H=64, bf16 unless told), runs forward+backward of the
 public function (sort, plans, kernels) under CUPTI (through torch.profiler, which records
 every kernel in the process, JAX's and jax-triton's too) and sums GPU time per stage:
-the sort, the other XLA kernels (tile plans, bucket alignment, casts), and each SCFA
-kernel. The wall time (do_bench median, dispatch included; and pipelined, calls back to
+the sort, the tile plans' kernels, the other XLA kernels (casts, copies, bucket alignment,
+and the plans themselves with `plan_kernel=0`), and each SCFA kernel. The wall time (do_bench median, dispatch included; and pipelined, calls back to
 back) is reported next to it, and next to cuDNN's (whose kernels count as "xla_other").
 Tile configs (variants: a `KernelConfig` per head dim and mode) run side by side, their
 outputs checked against the first's (see `variant` for the spelling).
@@ -111,7 +111,7 @@ def timeline(fn, *args) -> dict:
     jax.block_until_ready(fn(*args))
   with tempfile.NamedTemporaryFile(suffix=".json") as f:
     prof.export_chrome_trace(f.name)
-    events = json.load(open(f.name))["traceEvents"]
+    events = json.loads(Path(f.name).read_text())["traceEvents"]
   events = sorted(
       (e for e in events if e.get("ph") == "X" and e.get("cat") in _TIMELINE_CATEGORIES), key=lambda e: e["ts"]
   )
@@ -119,7 +119,8 @@ def timeline(fn, *args) -> dict:
   end = max(e["ts"] + e["dur"] for e in kernels)
   events = [e for e in events if e["ts"] <= end]  # not the profiler's own calls at its exit
   start = events[0]["ts"]
-  first_scfa = min((e["ts"] for e in kernels if e["name"].startswith("scfa_") and "plan" not in e["name"]), default=end)
+  attention = ("scfa_fwd", "scfa_bwd_dq", "scfa_bwd_dkdv")
+  first_scfa = min((e["ts"] for e in kernels if stage(e["name"]) in attention), default=end)
   return dict(
       prefix_us=first_scfa - kernels[0]["ts"],
       events=[f"{e['ts'] - start:9.1f} {e['dur']:8.1f} {e['cat']:12s} {e['name'][:70]}" for e in events],

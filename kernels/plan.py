@@ -9,12 +9,15 @@ before the first attention kernel can start. Here one program walks TILES tiles 
 A program builds one view of one plan: QUERY_MAJOR gives a query tile's key range
 `[start_n, end_n)` and full sub-range, otherwise a key tile's query range. Tokens are
 ordered: real ones (positions in [0, K_PAD)) fill the first slots, in (hash, idx) order.
+Lengths are runtime scalars, but the searches' step count LOG_LENGTH is a constexpr: one
+compiled kernel per power-of-two range of lengths. Slot offsets are int32, as in
+attention.py: B * N * length below 2**31.
 """
 
 import triton
 import triton.language as tl
 
-K_PAD = tl.constexpr(2**30)
+from .attention import K_PAD
 _SMALL = tl.constexpr(-(2**31))
 _BIG = tl.constexpr(2**31 - 1)
 

@@ -286,13 +286,13 @@ def plan_view(implementation, tokens: SortedTokens, block_q: int, block_k: int, 
   (own_idx, own_hash, block), (other_idx, other_hash, other_block) = sides if view == "q" else sides[::-1]
   b, n, length = own_idx.shape
   num_tiles = -(-length // block)
-  tiles = min(_PLAN_TILES, max(16, 1 << (num_tiles - 1).bit_length()))
+  per_program = min(_PLAN_TILES, max(16, 1 << (num_tiles - 1).bit_length()))
   ranges = _launch(
-      implementation, _plan_kernels().scfa_plan, name=f"scfa_plan_{view}", grid=(-(-num_tiles // tiles), b * n),
+      implementation, _plan_kernels().scfa_plan, name=f"scfa_plan_{view}", grid=(-(-num_tiles // per_program), b * n),
       inputs=(own_idx, own_hash, other_idx, other_hash, length, other_idx.shape[-1]),
       out_shapes=[jax.ShapeDtypeStruct((b, n, num_tiles), jnp.int32)] * 4, num_warps=4, num_stages=1,
       BLOCK=block, OTHER_BLOCK=other_block, QUERY_MAJOR=view == "q", STRICT=strict, HASHED=tokens.hashed,
-      TILES=tiles, LOG_LENGTH=max(length, other_idx.shape[-1]).bit_length(),
+      TILES=per_program, LOG_LENGTH=max(length, other_idx.shape[-1]).bit_length(),
   )  # fmt: skip
   empty = (None,) * 4
   return plan_lib.TilePlan(

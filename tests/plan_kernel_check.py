@@ -21,7 +21,7 @@ def _jnp_plan(tokens, block_q, block_k, strict):
 def plan_kernel_cases(long: int):
   """Ordered tokens for `check_plan_kernel`, many heads per case (each head its own mix):
   1 to 6 buckets or keep rates from 0 (empty rows) to 1 (dense causal), odd lengths,
-  T != S, whole tiles, skewed buckets, and one side `long` slots long (several programs per
+  T != S, whole tiles, skewed buckets, one empty side, one-slot sides, and one side `long` slots long (several programs per
   head at 16-slot tiles). Queries and keys share positions, so searches land on exact
   (hash, idx) pairs at tile boundaries, where strict and inclusive differ."""
   rng = np.random.default_rng(11)
@@ -41,6 +41,11 @@ def plan_kernel_cases(long: int):
       sorting.by_keep_mask(keep(1, 64, 12), keep(1, 64, 12)),
       sorting.by_bucket(buckets(1, long, 1), buckets(1, 61, 1)),
       sorting.by_keep_mask(keep(1, 61, 2), keep(1, long, 2)),
+      # One side empty, the other not; one-slot sides.
+      sorting.by_keep_mask(jnp.zeros((1, 37, 1), bool), jnp.ones((1, 50, 1), bool)),
+      sorting.by_keep_mask(jnp.ones((1, 37, 1), bool), jnp.zeros((1, 50, 1), bool)),
+      sorting.by_bucket(buckets(1, 1, 3), buckets(1, 40, 3)),
+      sorting.by_bucket(buckets(1, 40, 3), buckets(1, 1, 3)),
   ]
 
 

@@ -328,4 +328,3 @@ def test_search_counts_the_pairs_before_each_needle(total):
   nh, ni = needle_hash[..., None], needle_idx[..., None]
   before = (h < nh) | ((h == nh) & ((i < ni) | (inclusive[:, None] & (i == ni))))
   np.testing.assert_array_equal(np.asarray(found), np.sum(before & own, axis=-1))
-

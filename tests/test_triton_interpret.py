@@ -14,8 +14,8 @@ import pytest
 
 import scfa_jax
 from scfa_jax import reference
-from tests.test_attention_xla import _buckets, _check_against, _qkv, run_shard_map_check
 from tests.plan_kernel_check import check_plan_kernel, plan_kernel_cases
+from tests.test_attention_xla import _buckets, _check_against, _qkv, run_shard_map_check
 
 pytest.importorskip("torch", reason="the interpreter's tensors")
 pytest.importorskip("triton")
@@ -206,3 +206,34 @@ def test_plan_kernel_matches_the_jnp_plan(strict):
   presorted = sorting.presorted(jnp.zeros((1, 8, 1), jnp.int32), jnp.zeros((1, 8, 1), jnp.int32))
   with pytest.raises(ValueError, match="ordered tokens"):
     triton_backend.plan_view(IMPL, presorted, 16, 16, strict=strict, view="q")
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_backend_plans_from_the_kernel_equal_the_jnp_plans(hashed):
+  """triton_backend.make_plans: the plan kernel (one launch per distinct view, the forward's
+  plan reused where dQ's tiles are the same) and the jnp searches give the same three plans."""
+  import dataclasses  # noqa: PLC0415
+
+  from scfa_jax import core, sorting, triton_backend  # noqa: PLC0415
+
+  rng = np.random.default_rng(3)
+  b, t, s, n = 2, 75, 75, 2
+  if hashed:
+    tokens = sorting.by_bucket(jnp.asarray(rng.integers(0, 3, (b, t, n))), jnp.asarray(rng.integers(0, 3, (b, s, n))))
+  else:
+    tokens = sorting.by_keep_mask(jnp.asarray(rng.random((b, t, n)) < 0.6), jnp.asarray(rng.random((b, s, n)) < 0.6))
+  q = jnp.zeros((b, t, n, H), jnp.float32)
+  table = triton_backend.kernel_config(IMPL, H, hashed)
+  for strict in (False, True):
+    plans = [
+        triton_backend.make_plans(
+            core.AttentionConfig(
+                implementation=IMPL, strict=strict, scale=1.0, kernel=dataclasses.replace(table, plan_kernel=on)
+            ),
+            q, tokens, backward=True,
+        )  # fmt: skip
+        for on in (True, False)
+    ]
+    assert jax.tree.structure(plans[0]) == jax.tree.structure(plans[1])
+    for a, want in zip(jax.tree.leaves(plans[0]), jax.tree.leaves(plans[1]), strict=True):
+      np.testing.assert_array_equal(a, want)
