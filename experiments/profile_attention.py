@@ -4,8 +4,9 @@ For each case at one T (B=4, N=48, H=64, bf16 unless told), runs forward+backwar
 public function (sort, plans, kernels) under CUPTI (through torch.profiler, which records
 every kernel in the process, JAX's and jax-triton's too) and sums GPU time per stage:
 the sort, the tile plans' kernels, the other XLA kernels (casts, copies, bucket alignment,
-and the plans themselves with `plan_kernel=0`), and each SCFA kernel. The wall time (do_bench median, dispatch included; and pipelined, calls back to
-back) is reported next to it, and next to cuDNN's (whose kernels count as "xla_other").
+and the plans themselves with `plan_kernel=0`), and each SCFA kernel. The wall time
+(do_bench median, dispatch included; and pipelined, calls back to back) is reported next
+to it, and next to cuDNN's (whose kernels count as "xla_other").
 Tile configs (variants: a `KernelConfig` per head dim and mode) run side by side, their
 outputs checked against the first's (see `variant` for the spelling).
 

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .attention import K_PAD
+
 _SMALL = tl.constexpr(-(2**31))
 _BIG = tl.constexpr(2**31 - 1)
 

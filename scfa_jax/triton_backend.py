@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import inspect
 import math
 import os
@@ -95,16 +96,9 @@ def kernel_config(implementation: str, head_dim: int, hashed: bool) -> KernelCon
   return _GPU_CONFIGS[head_dim, hashed]
 
 
-def _kernels():
-  from scfa_jax.kernels import attention  # noqa: PLC0415  (imports triton)
-
-  return attention
-
-
-def _plan_kernels():
-  from scfa_jax.kernels import plan  # noqa: PLC0415  (imports triton)
-
-  return plan
+def _kernels(module: str = "attention"):
+  """A Triton source module of kernels/ (importing it imports triton)."""
+  return importlib.import_module(f"scfa_jax.kernels.{module}")
 
 
 _INTERPRETER_LOCK = threading.Lock()
@@ -247,9 +241,14 @@ def _aligned(config, q, tokens: SortedTokens) -> SortedTokens:
   return sorting.align_runs(tokens, tiles.align, _padding_budget(length, tiles.align))
 
 
+def _hashes(tokens: SortedTokens) -> tuple[jax.Array, jax.Array]:
+  """What the kernels read as buckets: the hashes, or the idx arrays when not HASHED (unread)."""
+  return (tokens.q_hash, tokens.k_hash) if tokens.hashed else (tokens.q_idx, tokens.k_idx)
+
+
 def _call(config, q, k, tokens: SortedTokens) -> _Call:
   b, t, n, h = q.shape
-  hashes = (tokens.q_hash, tokens.k_hash) if tokens.hashed else (tokens.q_idx, tokens.k_idx)
+  hashes = _hashes(tokens)
   meta = dict(
       QK_SCALE=config.scale * LOG2E, N=n, H=h, HASHED=tokens.hashed, STRICT=config.strict,
       CHECK_PADS=not tokens.ordered,  # our sorts' positions lie in [0, T): pads fail the causal test
@@ -281,14 +280,14 @@ def plan_view(implementation, tokens: SortedTokens, block_q: int, block_k: int, 
     raise ValueError("plan_view takes ordered tokens (by_bucket, by_keep_mask); use plan.make_plan for others")
   if view not in ("q", "k"):
     raise ValueError(f"view must be 'q' or 'k', got {view=}")
-  hashes = (tokens.q_hash, tokens.k_hash) if tokens.hashed else (tokens.q_idx, tokens.k_idx)
-  sides = [(tokens.q_idx, hashes[0], block_q), (tokens.k_idx, hashes[1], block_k)]
+  q_hash, k_hash = _hashes(tokens)
+  sides = [(tokens.q_idx, q_hash, block_q), (tokens.k_idx, k_hash, block_k)]
   (own_idx, own_hash, block), (other_idx, other_hash, other_block) = sides if view == "q" else sides[::-1]
   b, n, length = own_idx.shape
   num_tiles = -(-length // block)
   per_program = min(_PLAN_TILES, max(16, 1 << (num_tiles - 1).bit_length()))
   ranges = _launch(
-      implementation, _plan_kernels().scfa_plan, name=f"scfa_plan_{view}", grid=(-(-num_tiles // per_program), b * n),
+      implementation, _kernels("plan").scfa_plan, name=f"scfa_plan_{view}", grid=(-(-num_tiles // per_program), b * n),
       inputs=(own_idx, own_hash, other_idx, other_hash, length, other_idx.shape[-1]),
       out_shapes=[jax.ShapeDtypeStruct((b, n, num_tiles), jnp.int32)] * 4, num_warps=4, num_stages=1,
       BLOCK=block, OTHER_BLOCK=other_block, QUERY_MAJOR=view == "q", STRICT=strict, HASHED=tokens.hashed,
