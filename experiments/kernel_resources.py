@@ -29,8 +29,7 @@ REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024  # sm_90, of which one program may take 227 KiB
 MAX_PROGRAMS_PER_SM = 32
 MAX_WARPS_PER_SM = 64
-_BF16_PTRS = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dq_in_ptr", "dk_ptr", "dv_ptr")
-_F32_PTRS = ("lse_ptr", "delta_ptr", "acc_ptr")
+_BF16_PTRS = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
 
 
 def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
@@ -52,7 +51,8 @@ def resources(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict
     if name in constexprs:
       signature[name] = "constexpr"
     elif name.endswith("_ptr"):
-      signature[name] = "*bf16" if name in _BF16_PTRS else "*fp32" if name in _F32_PTRS else "*i32"
+      is_f32 = name in ("lse_ptr", "delta_ptr")
+      signature[name] = "*bf16" if name in _BF16_PTRS else "*fp32" if is_f32 else "*i32"
       attrs[(i,)] = [["tt.divisibility", 16]]  # as jax-triton's buffers are
     else:
       signature[name] = "i32"
@@ -86,15 +86,11 @@ def kernel_rows(spec: str, head_dim: int, hashed: bool) -> list[dict]:
   )  # fmt: skip
   fwd_launch = (tiles.num_warps, tiles.num_stages, {})
   bwd_launch = (tiles.bwd_num_warps, tiles.bwd_num_stages, dict(SM_SCALE=0.125))
-  kernels = [("fwd", attention.scfa_fwd, tiles.block_m, tiles.block_n, *fwd_launch)]
-  if tiles.fused_dq:  # what ordered tokens run (triton_backend.dkdv_dq_kernel)
-    kernels.append(("dkdv_dq", attention.scfa_bwd_dkdv_dq, tiles.block_m1, tiles.block_n1,
-                    *bwd_launch[:2], dict(bwd_launch[2], SPIN=True, RELEASES=32 * tiles.bwd_num_warps)))  # fmt: skip
-  else:
-    kernels += [
-        ("dq", attention.scfa_bwd_dq, tiles.block_m2, tiles.block_n2, *bwd_launch),
-        ("dkdv", attention.scfa_bwd_dkdv, tiles.block_m1, tiles.block_n1, *bwd_launch),
-    ]
+  kernels = (
+      ("fwd", attention.scfa_fwd, tiles.block_m, tiles.block_n, *fwd_launch),
+      ("dq", attention.scfa_bwd_dq, tiles.block_m2, tiles.block_n2, *bwd_launch),
+      ("dkdv", attention.scfa_bwd_dkdv, tiles.block_m1, tiles.block_n1, *bwd_launch),
+  )
   rows = []
   for name, kernel, block_m, block_n, warps, stages, extra in kernels:
     constexprs = dict(base, BLOCK_M=block_m, BLOCK_N=block_n, **extra)
@@ -108,7 +104,7 @@ def main() -> None:
   parser.add_argument("--variants", default="table", help=f"bases {list(BASES)} with +field=value overrides")
   parser.add_argument("--head_dims", default="64,128")
   args = parser.parse_args()
-  header = f"{'variant':40s} {'H':>3s} {'mode':4s} {'kernel':7s} {'tile':7s}"
+  header = f"{'variant':40s} {'H':>3s} {'mode':4s} {'kernel':6s} {'tile':7s}"
   print(header, "warps stages registers shared programs/SM")
   for spec in args.variants.split(","):
     for head_dim in (int(h) for h in args.head_dims.split(",")):
@@ -116,7 +112,7 @@ def main() -> None:
         for r in kernel_rows(spec, head_dim, hashed):
           mode = "hash" if hashed else "qk"
           print(
-              f"{spec:40s} {head_dim:3d} {mode:4s} {r['kernel']:7s} {r['tile']:7s} {r['warps']:5d} "
+              f"{spec:40s} {head_dim:3d} {mode:4s} {r['kernel']:6s} {r['tile']:7s} {r['warps']:5d} "
               f"{r['stages']:6d} {r['registers']:9d} {r['shared']:6d} {r['programs_per_sm']:11d}",
               flush=True,
           )

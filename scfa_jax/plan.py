@@ -157,43 +157,6 @@ class TilePlan:
     return "\n".join(lines)
 
 
-def accumulation_order(plan: TilePlan) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The counts that fix the order in which key tiles add to each query tile's dQ
-  (`scfa_bwd_dkdv_dq`): (before [B, N, num_k_tiles], top, bottom [B, N, num_q_tiles]).
-
-  before: the non-empty key tiles below each key tile. top / bottom: the non-empty key
-  tiles whose range starts / ends at or below each query tile. Needs the key-major view
-  with non-empty ranges in ascending order of start and of end (ordered tokens' plans, as
-  `check_ascending` states); then the key tiles that visit query tile i are the
-  non-empty ones numbered [bottom, top), and in descending order key tile j adds after
-  `top - 1 - before[j]` others. Empty ranges are (0, 0) and count nowhere.
-  """
-  start, end = plan.start_m, plan.end_m
-  if start is None:
-    raise ValueError("accumulation_order needs the plan's key-major view ('k')")
-  nonempty = end > start
-  before = jnp.cumsum(nonempty, axis=-1, dtype=jnp.int32) - nonempty
-  num_q = plan.num_q_tiles
-
-  def at_or_below(bound):  # per query tile i: non-empty key tiles with bound <= i
-    bins = jnp.where(nonempty, bound, num_q).reshape(-1, bound.shape[-1])
-    hist = jax.vmap(lambda x: jnp.zeros(num_q + 1, jnp.int32).at[x].add(1))(bins)
-    return jnp.cumsum(hist[:, :num_q], axis=-1, dtype=jnp.int32).reshape(*bound.shape[:-1], num_q)
-
-  return before, at_or_below(start), at_or_below(end)
-
-
-def check_ascending(plan: TilePlan) -> jax.Array:
-  """Whether the key-major view's non-empty ranges start and end in ascending order, which
-  `accumulation_order` needs; a bool scalar (for tests and debugging)."""
-  nonempty = plan.end_m > plan.start_m
-  ok = jnp.bool_(True)
-  for bound in (plan.start_m, plan.end_m):
-    seen = jax.lax.cummax(jnp.where(nonempty, bound, -1), axis=bound.ndim - 1)
-    ok &= jnp.all(~nonempty | (bound >= seen))
-  return ok
-
-
 def _dense(start, end, full_start, full_end, count) -> jax.Array:
   tile = jnp.arange(count)
   visited = (tile >= start[..., None]) & (tile < end[..., None])

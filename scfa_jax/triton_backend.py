@@ -51,10 +51,6 @@ class KernelConfig:
   # Ordered tokens' plans from one launch of kernels/plan.py per view; False: plan.py's jnp
   # searches, one small XLA kernel per step (kept to compare).
   plan_kernel: bool = True
-  # Ordered tokens: dQ accumulated by the dK/dV kernel in a fixed order (scfa_bwd_dkdv_dq),
-  # 5 matmuls per tile pair instead of 7; False: the separate dQ kernel (kept to compare,
-  # and the path of any other order, whose ranges are not ascending).
-  fused_dq: bool = True
 
   @property
   def align(self) -> int:
@@ -186,21 +182,19 @@ def check_supported(implementation: str, q: jax.Array) -> None:
     raise ValueError(f"implementation='triton' needs jax-triton, which failed to import: {e}") from e
 
 
-def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps, num_stages, aliases=None, **meta):
+def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps, num_stages, **meta):
   """Runs `kernel` on `grid` with `inputs` (arrays and int scalars) then outputs as pointers,
-  and `meta` as constexprs. `aliases` maps an input's position in `inputs` to the output
-  that reuses its buffer (the kernel updates it in place)."""
-  is_array = [not isinstance(x, int) for x in inputs]
-  aliases = aliases or {}
+  and `meta` as constexprs."""
   if implementation == "triton":
     jt = _jax_triton()
     # jax-triton 0.3 calls the output spec out_shape, 0.4 calls it out_type.
     spec = "out_shape" if "out_shape" in inspect.signature(jt.triton_call).parameters else "out_type"
-    array_number = lambda position: sum(is_array[:position])  # jax-triton counts array inputs only
     return jt.triton_call(
         *inputs, kernel=kernel, grid=grid, name=name, num_warps=num_warps, num_stages=num_stages,
-        input_output_aliases={array_number(i): o for i, o in aliases.items()}, **{spec: out_shapes}, **meta,
+        **{spec: out_shapes}, **meta,
     )  # fmt: skip
+
+  is_array = [not isinstance(x, int) for x in inputs]
 
   def run_on_host(*arrays):
     import torch  # noqa: PLC0415
@@ -210,8 +204,6 @@ def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps
     # Poisoned outputs (NaN, or the smallest integer): an element the kernel forgets to write fails every test.
     poison = lambda dtype: float("nan") if jnp.issubdtype(dtype, jnp.floating) else int(jnp.iinfo(dtype).min)
     outputs = [torch.full(s.shape, poison(s.dtype), dtype=getattr(torch, str(s.dtype))) for s in out_shapes]
-    for i, o in aliases.items():
-      outputs[o] = args[i].clone()
     with _interpreting():
       _interpreted(kernel.fn)[grid](*args, *outputs, **meta)
     return tuple(o.numpy() for o in outputs)
@@ -309,15 +301,13 @@ def plan_view(implementation, tokens: SortedTokens, block_q: int, block_k: int, 
 
 
 def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
-  """The forward plan, and with `backward` the dK/dV plan and (unless the dK/dV kernel
-  accumulates dQ) the dQ plan too, each with the one view its kernel reads. Ordered tokens take one plan kernel launch per distinct view;
+  """The forward plan, and with `backward` the dQ and dK/dV plans too, each with the one
+  view its kernel reads. Ordered tokens take one plan kernel launch per distinct view;
   other orders (or `plan_kernel=False`) plan.py's jnp."""
   tiles = _tiles(config, q.shape[-1], tokens)
   shapes = [(tiles.block_m, tiles.block_n)]
   if backward:
-    shapes.append((tiles.block_m1, tiles.block_n1))
-    if not _fuses_dq(config, q, tokens):
-      shapes.append((tiles.block_m2, tiles.block_n2))
+    shapes += [(tiles.block_m1, tiles.block_n1), (tiles.block_m2, tiles.block_n2)]
   views = ["q", "k", "q"][: len(shapes)]
   if not (tokens.ordered and tiles.plan_kernel):
     plans = plan_lib.make_plans(tokens, shapes, strict=config.strict, views=views)
@@ -327,7 +317,7 @@ def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
       if (shape, view) not in built:  # the hash table's forward and dQ tiles coincide
         built[shape, view] = plan_view(config.implementation, tokens, *shape, strict=config.strict, view=view)
     plans = [built[shape, view] for shape, view in zip(shapes, views, strict=True)]
-  return Plans(*plans, *[None] * (3 - len(plans)))
+  return Plans(*plans) if backward else Plans(plans[0], None, None)
 
 
 @jax.tree_util.register_dataclass
@@ -354,13 +344,12 @@ def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
   )  # fmt: skip
 
 
-def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, out_shapes, block_m, block_n,
-                aliases=None, **meta):  # fmt: skip
+def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, out_shapes, block_m, block_n):
   return _launch(
       config.implementation, kernel, name=name, grid=grid,
       inputs=(*operands[:4], *c.indices, *operands[4:], *plan_ranges, *c.lengths), out_shapes=out_shapes,
-      num_warps=c.tiles.bwd_num_warps, num_stages=c.tiles.bwd_num_stages, aliases=aliases,
-      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_LOOP=c.tiles.one_loop, **c.meta, **meta,
+      num_warps=c.tiles.bwd_num_warps, num_stages=c.tiles.bwd_num_stages,
+      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_LOOP=c.tiles.one_loop, **c.meta,
   )  # fmt: skip
 
 
@@ -395,46 +384,9 @@ def forward(config, q, k, v, tokens: SortedTokens, *, differentiating: bool = Fa
   return o, Residuals(tokens, plans, lse)
 
 
-def dkdv_dq_kernel(config, q, k, v, tokens, o, lse, do, plan: plan_lib.TilePlan):
-  """dQ, dK, dV at original rows from one key-major pass (`scfa_bwd_dkdv_dq`), after
-  `scfa_bwd_prep` (delta, dQ of unvisited query tiles, zeroed semaphores)."""
-  c = _call(config, q, k, tokens)
-  b, n, t = tokens.q_perm.shape
-  before, top, bottom = plan_lib.accumulation_order(plan)
-  delta, dq, sem = _launch(
-      config.implementation, _kernels().scfa_bwd_prep, name="scfa_bwd_prep", grid=(plan.num_q_tiles, c.bn),
-      inputs=(o, do, tokens.q_perm, top, bottom, c.lengths[0], c.lengths[2]),
-      out_shapes=(jax.ShapeDtypeStruct((b, n, t), jnp.float32), jax.ShapeDtypeStruct(q.shape, q.dtype),
-                  jax.ShapeDtypeStruct(top.shape, jnp.int32)),
-      num_warps=c.tiles.bwd_num_warps, num_stages=1,
-      N=c.meta["N"], H=c.meta["H"], BLOCK_M=c.tiles.block_m1, ALIGNED=c.meta["ALIGNED"],
-  )  # fmt: skip
-  operands = (q, k, v, do, lse, delta, top, bottom, before, dq, sem)
-  first_dq = 4 + len(c.indices) + 5  # dq and sem's places in the kernel's inputs
-  spin = config.implementation == "triton"  # the interpreter runs programs one by one
-  dk, dv, dq, _, _ = _bwd_launch(
-      config, c, _kernels().scfa_bwd_dkdv_dq, (plan.start_m, plan.end_m, plan.full_start_m, plan.full_end_m),
-      name="scfa_bwd_dkdv_dq", grid=(plan.num_k_tiles, c.bn), operands=operands,
-      out_shapes=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-                  jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t, q.shape[-1]), jnp.float32),
-                  jax.ShapeDtypeStruct(top.shape, jnp.int32)),
-      block_m=c.tiles.block_m1, block_n=c.tiles.block_n1, aliases={first_dq: 2, first_dq + 1: 4},
-      SPIN=spin, RELEASES=c.tiles.bwd_num_warps * 32 if spin else 1,  # every GPU thread releases
-  )  # fmt: skip
-  return dq, dk, dv
-
-
-def _fuses_dq(config, q, tokens: SortedTokens) -> bool:
-  """Whether the backward runs `dkdv_dq_kernel`: ordered tokens, whose plans' key-major
-  ranges ascend, and a tile table that asks for it."""
-  return tokens.ordered and _tiles(config, q.shape[-1], tokens).fused_dq
-
-
 def backward(config, q, k, v, tokens: SortedTokens, o, residuals: Residuals, do):
   del tokens  # the kernels' own tokens are in the residuals
   tokens, plans = residuals.tokens, residuals.plans
-  if _fuses_dq(config, q, tokens):
-    return dkdv_dq_kernel(config, q, k, v, tokens, o, residuals.lse, do, plans.dkdv)
   dq, delta = dq_kernel(config, q, k, v, tokens, o, residuals.lse, do, plans.dq)
   dk, dv = dkdv_kernel(config, q, k, v, tokens, residuals.lse, delta, do, plans.dkdv)
   return dq, dk, dv

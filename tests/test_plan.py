@@ -328,33 +328,3 @@ def test_search_counts_the_pairs_before_each_needle(total):
   nh, ni = needle_hash[..., None], needle_idx[..., None]
   before = (h < nh) | ((h == nh) & ((i < ni) | (inclusive[:, None] & (i == ni))))
   np.testing.assert_array_equal(np.asarray(found), np.sum(before & own, axis=-1))
-
-
-@hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
-@hypothesis.given(_token_cases())
-def test_accumulation_order_counts_the_key_tiles_above_each_visit(case):
-  """For ordered tokens' key-major ranges, accumulation_order's counts give every key tile
-  that visits a query tile its place among the visitors in descending order, and mark the
-  lowest one last; the fused dQ kernel relies on both (and on the ranges ascending)."""
-  tokens, block_q, block_k, strict = case
-  hypothesis.assume(tokens.ordered)
-  plan = _make_plan(tokens, block_q, block_k, strict)
-  assert bool(plan_lib.check_ascending(plan))
-  before, top, bottom = (np.asarray(x) for x in plan_lib.accumulation_order(plan))
-  visits = np.asarray(plan.to_dense("k")) != plan_lib.SKIP  # [B, N, query tiles, key tiles]
-  for b, n, i in np.ndindex(*visits.shape[:3]):
-    visitors = np.flatnonzero(visits[b, n, i])
-    assert top[b, n, i] - bottom[b, n, i] == len(visitors)
-    for place, j in enumerate(visitors[::-1]):  # descending key tiles
-      assert top[b, n, i] - 1 - before[b, n, j] == place
-      assert (before[b, n, j] == bottom[b, n, i]) == (place == len(visitors) - 1)
-
-
-def test_check_ascending_rejects_a_range_that_starts_below_an_earlier_one():
-  tokens = sorting.by_keep_mask(jnp.ones((1, 64, 1), bool), jnp.ones((1, 64, 1), bool))
-  plan = _make_plan(tokens, 16, 16, False)
-  assert bool(plan_lib.check_ascending(plan))
-  swapped = dataclasses.replace(plan, start_m=plan.start_m[..., ::-1], end_m=plan.end_m[..., ::-1])
-  assert not bool(plan_lib.check_ascending(swapped))
-  with_empty = dataclasses.replace(plan, start_m=plan.start_m.at[..., 1].set(0), end_m=plan.end_m.at[..., 1].set(0))
-  assert bool(plan_lib.check_ascending(with_empty))  # empty ranges (0, 0) count nowhere
