@@ -21,9 +21,10 @@ def _jnp_plan(tokens, block_q, block_k, strict):
 def plan_kernel_cases(long: int):
   """Ordered tokens for `check_plan_kernel`, many heads per case (each head its own mix):
   1 to 6 buckets or keep rates from 0 (empty rows) to 1 (dense causal), odd lengths,
-  T != S, whole tiles, skewed buckets, one empty side, one-slot sides, and one side `long` slots long (several programs per
-  head at 16-slot tiles). Queries and keys share positions, so searches land on exact
-  (hash, idx) pairs at tile boundaries, where strict and inclusive differ."""
+  T != S, whole tiles, skewed buckets, one empty side, one-slot sides, and one side
+  `long` slots long (several programs per head at 16-slot tiles). Queries and keys share
+  positions, so searches land on exact (hash, idx) pairs at tile boundaries, where strict
+  and inclusive differ."""
   rng = np.random.default_rng(11)
 
   def buckets(b, length, n):
