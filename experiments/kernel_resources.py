@@ -8,6 +8,7 @@ whose register counts can differ from another version's by a few.
 
   python experiments/kernel_resources.py                      # the table's entries
   python experiments/kernel_resources.py --variants=hash_table+block_n=64+num_stages=3
+  python experiments/kernel_resources.py --maxnreg=dkdv:128,dq:96   # Triton's register cap
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
   return min(by_registers, by_shared, MAX_WARPS_PER_SM // num_warps, MAX_PROGRAMS_PER_SM)
 
 
-def resources(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def resources(kernel, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None) -> dict:
   """Registers and shared bytes of `kernel` built for sm_90 with these constexprs."""
   import triton  # noqa: PLC0415
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415
@@ -59,7 +60,7 @@ def resources(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict
   compiled = triton.compile(
       ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
       target=GPUTarget("cuda", 90, 32),
-      options=dict(num_warps=num_warps, num_stages=num_stages),
+      options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg),
   )
   cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
   with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -69,12 +70,13 @@ def resources(kernel, constexprs: dict, num_warps: int, num_stages: int) -> dict
         [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
     )
   registers = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+  stack = int(re.search(r"STACK:(\d+)", usage.stdout).group(1))  # bytes per thread: spills
   shared = compiled.metadata.shared
   programs = programs_per_sm(registers, shared, num_warps)
-  return dict(registers=registers, shared=shared, programs_per_sm=programs)
+  return dict(registers=registers, stack=stack, shared=shared, programs_per_sm=programs)
 
 
-def kernel_rows(spec: str, head_dim: int, hashed: bool) -> list[dict]:
+def kernel_rows(spec: str, head_dim: int, hashed: bool, maxnreg: dict | None = None) -> list[dict]:
   """One row per kernel (forward, dQ, dK/dV) of variant `spec` (profile_attention's spelling)."""
   from scfa_jax.kernels import attention  # noqa: PLC0415
 
@@ -95,7 +97,8 @@ def kernel_rows(spec: str, head_dim: int, hashed: bool) -> list[dict]:
   for name, kernel, block_m, block_n, warps, stages, extra in kernels:
     constexprs = dict(base, BLOCK_M=block_m, BLOCK_N=block_n, **extra)
     row = dict(variant=spec, head_dim=head_dim, hashed=hashed, kernel=name, tile=f"{block_m}x{block_n}")
-    rows.append(dict(row, warps=warps, stages=stages, **resources(kernel, constexprs, warps, stages)))
+    usage = resources(kernel, constexprs, warps, stages, (maxnreg or {}).get(name))
+    rows.append(dict(row, warps=warps, stages=stages, **usage))
   return rows
 
 
@@ -103,17 +106,25 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variants", default="table", help=f"bases {list(BASES)} with +field=value overrides")
   parser.add_argument("--head_dims", default="64,128")
+  parser.add_argument("--maxnreg", default="", help="register caps, e.g. dkdv:128,dq:96 (fwd, dq, dkdv)")
   args = parser.parse_args()
+  maxnreg = {}
+  for item in filter(None, args.maxnreg.split(",")):
+    name, _, cap = item.partition(":")
+    if name not in ("fwd", "dq", "dkdv") or not cap.isdigit():
+      parser.error(f"--maxnreg: {item!r} is not kernel:registers with kernel in fwd, dq, dkdv")
+    maxnreg[name] = int(cap)
   header = f"{'variant':40s} {'H':>3s} {'mode':4s} {'kernel':6s} {'tile':7s}"
-  print(header, "warps stages registers shared programs/SM")
+  print(header, "warps stages registers stack shared programs/SM")
   for spec in args.variants.split(","):
     for head_dim in (int(h) for h in args.head_dims.split(",")):
       for hashed in (False, True):
-        for r in kernel_rows(spec, head_dim, hashed):
+        for r in kernel_rows(spec, head_dim, hashed, maxnreg):
           mode = "hash" if hashed else "qk"
           print(
               f"{spec:40s} {head_dim:3d} {mode:4s} {r['kernel']:6s} {r['tile']:7s} {r['warps']:5d} "
-              f"{r['stages']:6d} {r['registers']:9d} {r['shared']:6d} {r['programs_per_sm']:11d}",
+              f"{r['stages']:6d} {r['registers']:9d} {r['stack']:5d} {r['shared']:6d} "
+          f"{r['programs_per_sm']:11d}",
               flush=True,
           )
 

@@ -77,35 +77,38 @@ def _token_keys(idx_ptr, hash_ptr, slot, in_bounds, PAD: tl.constexpr, HASHED: t
 
 
 @triton.jit
-def _masked(x, fill, own_idx, own_hash, other_idx, other_hash, QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr,
-            STRICT: tl.constexpr, CHECK_PADS: tl.constexpr):  # fmt: skip
+def _masked(x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
+            QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr,
+            CHECK_PADS: tl.constexpr):  # fmt: skip
   """x with disallowed pairs set to `fill`. The rows of x are the program's own tokens
-  (queries if QUERY_ROWS, else keys); its columns are the streamed tile's."""
+  (queries if QUERY_ROWS, else keys); its columns are the streamed tile's, at `slot`."""
   if QUERY_ROWS:
-    allowed = _allowed(own_idx[:, None], other_idx[None, :], own_hash[:, None], other_hash[None, :], HASHED, STRICT, CHECK_PADS)
+    k_idx, k_hash = _token_keys(other_idx_ptr, other_hash_ptr, slot, in_bounds, K_PAD, HASHED)
+    allowed = _allowed(own_idx[:, None], k_idx[None, :], own_hash[:, None], k_hash[None, :], HASHED, STRICT, CHECK_PADS)
   else:
-    allowed = _allowed(other_idx[None, :], own_idx[:, None], other_hash[None, :], own_hash[:, None], HASHED, STRICT, CHECK_PADS)
+    q_idx, q_hash = _token_keys(other_idx_ptr, other_hash_ptr, slot, in_bounds, -1, HASHED)
+    allowed = _allowed(q_idx[None, :], own_idx[:, None], q_hash[None, :], own_hash[:, None], HASHED, STRICT, CHECK_PADS)
   return tl.where(allowed, x, fill)
 
 
 @triton.jit
 def _mask_tile(x, fill, tile, full_lo, full_hi, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
                QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr,
-               MASKED: tl.constexpr, BRANCH: tl.constexpr, PRELOAD: tl.constexpr = True):  # fmt: skip
+               MASKED: tl.constexpr, BRANCH: tl.constexpr):  # fmt: skip
   """The in-tile mask where the plan asks for it: every tile of a masked loop, or with
   BRANCH (one loop over the whole range) the tiles outside [full_lo, full_hi)."""
   if MASKED:
-    pad: tl.constexpr = K_PAD if QUERY_ROWS else -1
     if BRANCH:
-      if PRELOAD:
-        other_idx, other_hash = _token_keys(other_idx_ptr, other_hash_ptr, slot, in_bounds, pad, HASHED)
       if (tile < full_lo) | (tile >= full_hi):
-        if not PRELOAD:
-          other_idx, other_hash = _token_keys(other_idx_ptr, other_hash_ptr, slot, in_bounds, pad, HASHED)
-        x = _masked(x, fill, own_idx, own_hash, other_idx, other_hash, QUERY_ROWS, HASHED, STRICT, CHECK_PADS)
+        x = _masked(
+            x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
+            QUERY_ROWS, HASHED, STRICT, CHECK_PADS,
+        )  # fmt: skip
     else:
-      other_idx, other_hash = _token_keys(other_idx_ptr, other_hash_ptr, slot, in_bounds, pad, HASHED)
-      x = _masked(x, fill, own_idx, own_hash, other_idx, other_hash, QUERY_ROWS, HASHED, STRICT, CHECK_PADS)
+      x = _masked(
+          x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
+          QUERY_ROWS, HASHED, STRICT, CHECK_PADS,
+      )  # fmt: skip
   return x
 
 

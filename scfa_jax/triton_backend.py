@@ -51,8 +51,6 @@ class KernelConfig:
   # Ordered tokens' plans from one launch of kernels/plan.py per view; False: plan.py's jnp
   # searches, one small XLA kernel per step (kept to compare).
   plan_kernel: bool = True
-  dkdv_num_warps: int = 0
-  dkdv_num_stages: int = 0
 
   @property
   def align(self) -> int:
@@ -347,12 +345,10 @@ def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
 
 
 def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, out_shapes, block_m, block_n):
-  dkdv = name == "scfa_bwd_dkdv"
   return _launch(
       config.implementation, kernel, name=name, grid=grid,
       inputs=(*operands[:4], *c.indices, *operands[4:], *plan_ranges, *c.lengths), out_shapes=out_shapes,
-      num_warps=(dkdv and c.tiles.dkdv_num_warps) or c.tiles.bwd_num_warps,
-      num_stages=(dkdv and c.tiles.dkdv_num_stages) or c.tiles.bwd_num_stages,
+      num_warps=c.tiles.bwd_num_warps, num_stages=c.tiles.bwd_num_stages,
       SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_LOOP=c.tiles.one_loop, **c.meta,
   )  # fmt: skip
 

@@ -1,0 +1,107 @@
+"""How much of the work the tile plans give each kernel is useful, per sparsity case.
+
+For each kernel of the tile table (`triton_backend.kernel_config`), on the benchmark's
+random buckets or keep masks: tiles visited per head, the share of them that pays for
+the in-tile mask, and the pair efficiency: allowed (query, key) pairs over the pairs the
+visited tiles hold. Divide a kernel's GPU time (`profile_attention.py`) by its visited
+tiles to get a cost per tile; with this, that separates wasted pairs from slow tiles.
+No GPU needed.
+
+  python experiments/plan_efficiency.py --seq_len=16384 --cases=hash16,hash64,drop70
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
+
+from experiments.bench_attention import CASES  # noqa: E402
+from scfa_jax import lsh, plan, sorting, triton_backend  # noqa: E402
+
+
+def allowed_pairs(tokens: sorting.SortedTokens) -> int:
+  """Allowed (query, key) pairs, non-strict: for ordered tokens the keys a query may attend
+  are one run of the sorted (hash, idx) key order, so two searches per query count them."""
+  if tokens.hashed:
+    q_hash, k_hash = tokens.q_hash, tokens.k_hash
+  else:
+    q_hash, k_hash = jnp.zeros_like(tokens.q_idx), jnp.zeros_like(tokens.k_idx)
+  key = lambda h, i: np.asarray(h, np.int64) * 2**31 + np.asarray(i, np.int64)  # padding sorts last
+  q_key, k_key, q_first = key(q_hash, tokens.q_idx), key(k_hash, tokens.k_idx), key(q_hash, 0)
+  total = 0
+  for head in np.ndindex(q_key.shape[:2]):
+    hi = np.searchsorted(k_key[head], q_key[head], side="right")
+    lo = np.searchsorted(k_key[head], q_first[head], side="left")
+    total += int(np.maximum(hi - lo, 0)[np.asarray(tokens.q_idx[head]) >= 0].sum())
+  return total
+
+
+def case_tokens(name: str, b: int, t: int, n: int, seed: int) -> sorting.SortedTokens:
+  mode, param = CASES[name]
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  if mode == "hash":
+    dtype = lsh.bucket_dtype(param)
+    buckets = [jax.random.randint(key, (b, t, n), 0, param, dtype) for key in (k1, k2)]
+    return sorting.by_bucket(*buckets)
+  keep = [jax.random.bernoulli(key, 1.0 - param, (b, t, n)) for key in (k1, k2)]
+  return sorting.by_keep_mask(*keep)
+
+
+def kernel_rows(name: str, tokens: sorting.SortedTokens, head_dim: int) -> list[dict]:
+  tiles = triton_backend.kernel_config("triton", head_dim, tokens.hashed)
+  shapes = {
+      "fwd": ((tiles.block_m, tiles.block_n), "q"),
+      "dq": ((tiles.block_m2, tiles.block_n2), "q"),
+      "dkdv": ((tiles.block_m1, tiles.block_n1), "k"),
+  }
+  useful = allowed_pairs(tokens)
+  heads = tokens.q_idx.shape[0] * tokens.q_idx.shape[1]
+  rows = []
+  for kernel, ((block_q, block_k), view) in shapes.items():
+    dense = np.asarray(plan.make_plan(tokens, block_q=block_q, block_k=block_k, strict=False).to_dense(view))
+    visited, full = int((dense != plan.SKIP).sum()), int((dense == plan.FULL).sum())
+    rows.append(dict(
+        case=name, kernel=kernel, tile=f"{block_q}x{block_k}", tiles_per_head=visited / heads,
+        masked_share=(visited - full) / visited, pair_efficiency=useful / (visited * block_q * block_k),
+    ))  # fmt: skip
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--seq_len", type=int, default=16384)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--head_dim", type=int, default=64)
+  parser.add_argument("--cases", default="all,hash2,hash16,hash64,drop30,drop70")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  rows = []
+  for name in args.cases.split(","):
+    if name not in CASES:
+      raise ValueError(f"--cases: {name!r} is not one of {list(CASES)}")
+    tokens = case_tokens(name, args.batch, args.seq_len, args.heads, args.seed)
+    for row in kernel_rows(name, tokens, args.head_dim):
+      print(
+          f"{row['case']:7s} {row['kernel']:5s} {row['tile']:7s} tiles/head {row['tiles_per_head']:9.0f} "
+          f"masked {row['masked_share']:6.1%} pair efficiency {row['pair_efficiency']:6.1%}",
+          flush=True,
+      )
+      rows.append(row)
+  if args.out:
+    with open(args.out, "w") as f:
+      meta = dict(seq_len=args.seq_len, batch=args.batch, heads=args.heads, seed=args.seed)
+      json.dump(dict(meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
