@@ -17,14 +17,13 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
-from experiments.bench_attention import CASES  # noqa: E402
-from scfa_jax import lsh, plan, sorting, triton_backend  # noqa: E402
+from experiments.bench_attention import CASES, make_case  # noqa: E402
+from scfa_jax import plan, sorting, triton_backend  # noqa: E402
 
 
 def allowed_pairs(tokens: sorting.SortedTokens) -> int:
@@ -45,14 +44,10 @@ def allowed_pairs(tokens: sorting.SortedTokens) -> int:
 
 
 def case_tokens(name: str, b: int, t: int, n: int, seed: int) -> sorting.SortedTokens:
-  mode, param = CASES[name]
-  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-  if mode == "hash":
-    dtype = lsh.bucket_dtype(param)
-    buckets = [jax.random.randint(key, (b, t, n), 0, param, dtype) for key in (k1, k2)]
-    return sorting.by_bucket(*buckets)
-  keep = [jax.random.bernoulli(key, 1.0 - param, (b, t, n)) for key in (k1, k2)]
-  return sorting.by_keep_mask(*keep)
+  """The sorted tokens of the benchmark's case `name` (its buckets or keep masks)."""
+  _, q_masks, k_masks, _ = make_case(name, b, t, n, seed)
+  sort = sorting.by_bucket if CASES[name][0] == "hash" else sorting.by_keep_mask
+  return sort(q_masks, k_masks)
 
 
 def kernel_rows(name: str, tokens: sorting.SortedTokens, head_dim: int) -> list[dict]:
