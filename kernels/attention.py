@@ -307,21 +307,6 @@ def _dq_tiles(
 
 
 @triton.jit
-def _dq_tile_start(q_perm_ptr, start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile_m, bh, b, n, T, LQ,
-                   num_tiles, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-  ok = tile_m < num_tiles
-  slot = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-  in_bounds = tl.where(ok, slot < LQ, False)  # the interpreter rejects mask & scalar
-  q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H)
-  tile = bh * num_tiles + tl.minimum(tile_m, num_tiles - 1)
-  lo = tl.load(start_n_ptr + tile)
-  hi = tl.where(ok, tl.load(end_n_ptr + tile), lo)
-  full_lo = tl.load(full_start_n_ptr + tile)
-  full_hi = tl.load(full_end_n_ptr + tile)
-  return slot, in_bounds, q_offset, q_valid, lo, hi, full_lo, full_hi
-
-
-@triton.jit
 def scfa_bwd_dq(
     q_ptr, k_ptr, v_ptr, do_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
     lse_ptr, o_ptr, start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, T, S, LQ, LK,
@@ -329,39 +314,37 @@ def scfa_bwd_dq(
     SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, GROUP: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-  """Probe: GROUP query tiles per program (ONE_LOOP only)."""
+  """One program per (query tile, batch * head): dQ of BLOCK_M sorted query slots.
+
+  Also stores delta = rowsum(dO * O) per sorted slot for `scfa_bwd_dkdv`, which runs
+  after it: the rows are loaded here anyway, so delta costs no pass of its own.
+  """
   LQ = _multiple_of_16(LQ, ALIGNED)
   LK = _multiple_of_16(LK, ALIGNED)
   pid_m = tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // N
   n = bh % N
-  num_tiles = tl.cdiv(LQ, BLOCK_M)
-  nxt = _dq_tile_start(q_perm_ptr, start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, pid_m * GROUP, bh, b, n,
-                       T, LQ, num_tiles, N, H, BLOCK_M)  # fmt: skip
-  for g in tl.static_range(GROUP):
-    slot, in_bounds, q_offset, q_valid, lo, hi, full_lo, full_hi = nxt
-    if PREFETCH:
-      if g + 1 < GROUP:
-        nxt = _dq_tile_start(q_perm_ptr, start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, pid_m * GROUP + g + 1,
-                             bh, b, n, T, LQ, num_tiles, N, H, BLOCK_M)  # fmt: skip
-    q = _load_rows(q_ptr, q_offset, q_valid, H)
-    do = _load_rows(do_ptr, q_offset, q_valid, H)
-    delta = tl.sum(do.to(tl.float32) * _load_rows(o_ptr, q_offset, q_valid, H).to(tl.float32), 1)
-    tl.store(delta_ptr + bh * LQ + slot, delta, mask=in_bounds)
-    lse = tl.load(lse_ptr + bh * LQ + slot, mask=in_bounds, other=float("inf"))
-    q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
-    dq = tl.zeros([BLOCK_M, H], tl.float32)
+  slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+  in_bounds = slot < LQ
+  q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H)
+  q = _load_rows(q_ptr, q_offset, q_valid, H)
+  do = _load_rows(do_ptr, q_offset, q_valid, H)
+  delta = tl.sum(do.to(tl.float32) * _load_rows(o_ptr, q_offset, q_valid, H).to(tl.float32), 1)
+  tl.store(delta_ptr + bh * LQ + slot, delta, mask=in_bounds)
+  lse = tl.load(lse_ptr + bh * LQ + slot, mask=in_bounds, other=float("inf"))
+  q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
+  tile = bh * tl.num_programs(0) + pid_m
+
+  dq = tl.zeros([BLOCK_M, H], tl.float32)
+  for part in tl.static_range(3 - 2 * ONE_LOOP):
+    lo, hi, full_lo, full_hi = _parts(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part, ONE_LOOP)
     dq = _dq_tiles(
         dq, q, do, lse, delta, q_idx, q_hash,
         k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, True, True,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, part != 1, ONE_LOOP,
     )  # fmt: skip
-    offsets = q_offset[:, None] + tl.arange(0, H)[None, :]
-    tl.store(dq_ptr + offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])
-    if not PREFETCH:
-      if g + 1 < GROUP:
-        nxt = _dq_tile_start(q_perm_ptr, start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, pid_m * GROUP + g + 1,
-                             bh, b, n, T, LQ, num_tiles, N, H, BLOCK_M)  # fmt: skip
+  offsets = q_offset[:, None] + tl.arange(0, H)[None, :]
+  tl.store(dq_ptr + offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])

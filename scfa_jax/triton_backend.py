@@ -344,18 +344,12 @@ def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
   )  # fmt: skip
 
 
-import os
-_GROUP = int(os.environ.get("SCFA_GROUP", "1"))
-_PREFETCH = os.environ.get("SCFA_PREFETCH", "0") == "1"
-
-
 def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, out_shapes, block_m, block_n):
-  extra = dict(GROUP=_GROUP, PREFETCH=_PREFETCH) if name == "scfa_bwd_dq" else {}
   return _launch(
       config.implementation, kernel, name=name, grid=grid,
       inputs=(*operands[:4], *c.indices, *operands[4:], *plan_ranges, *c.lengths), out_shapes=out_shapes,
       num_warps=c.tiles.bwd_num_warps, num_stages=c.tiles.bwd_num_stages,
-      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_LOOP=c.tiles.one_loop, **c.meta, **extra,
+      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_LOOP=c.tiles.one_loop, **c.meta,
   )  # fmt: skip
 
 
@@ -365,7 +359,7 @@ def dq_kernel(config, q, k, v, tokens, o, lse, do, plan: plan_lib.TilePlan):
   b, n, t = tokens.q_perm.shape
   return _bwd_launch(
       config, c, _kernels().scfa_bwd_dq, (plan.start_n, plan.end_n, plan.full_start_n, plan.full_end_n),
-      name="scfa_bwd_dq", grid=(-(-plan.num_q_tiles // _GROUP), c.bn), operands=(q, k, v, do, lse, o),
+      name="scfa_bwd_dq", grid=(plan.num_q_tiles, c.bn), operands=(q, k, v, do, lse, o),
       out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
       block_m=c.tiles.block_m2, block_n=c.tiles.block_n2,
   )  # fmt: skip
