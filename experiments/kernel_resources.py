@@ -124,7 +124,7 @@ def main() -> None:
           print(
               f"{spec:40s} {head_dim:3d} {mode:4s} {r['kernel']:6s} {r['tile']:7s} {r['warps']:5d} "
               f"{r['stages']:6d} {r['registers']:9d} {r['stack']:5d} {r['shared']:6d} "
-          f"{r['programs_per_sm']:11d}",
+              f"{r['programs_per_sm']:11d}",
               flush=True,
           )
 

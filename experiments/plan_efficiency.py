@@ -3,9 +3,9 @@
 For each kernel of the tile table (`triton_backend.kernel_config`), on the benchmark's
 random buckets or keep masks: tiles visited per head, the share of them that pays for
 the in-tile mask, and the pair efficiency: allowed (query, key) pairs over the pairs the
-visited tiles hold. Divide a kernel's GPU time (`profile_attention.py`) by its visited
-tiles to get a cost per tile; with this, that separates wasted pairs from slow tiles.
-No GPU needed.
+visited tiles hold. A kernel's GPU time (`profile_attention.py`) over the pairs its
+visited tiles hold is its cost per pair; with the pair efficiency, that separates wasted
+pairs from slow tiles. No GPU needed.
 
   python experiments/plan_efficiency.py --seq_len=16384 --cases=hash16,hash64,drop70
 """
