@@ -137,34 +137,6 @@ def _parts(start_ptr, end_ptr, full_start_ptr, full_end_ptr, tile, PART: tl.cons
 
 
 @triton.jit
-def _fwd_step(
-    acc, m_i, l_i, q, q_idx, q_hash,
-    k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, j, full_lo, full_hi,
-    QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr, BRANCH: tl.constexpr,
-):  # fmt: skip
-  """The online softmax over key tile j."""
-  slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
-  in_bounds = slot < LK
-  k_offset, k_valid = _row_offsets(k_perm_ptr, slot, in_bounds, b, n, S, N, H)
-  k = _load_rows(k_ptr, k_offset, k_valid, H)
-  v = _load_rows(v_ptr, k_offset, k_valid, H)
-  s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
-  s = _mask_tile(
-      s, float("-inf"), j, full_lo, full_hi, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds,
-      True, HASHED, STRICT, CHECK_PADS, MASKED, BRANCH,
-  )  # fmt: skip
-  m_new = tl.maximum(m_i, tl.max(s, 1))
-  m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-  alpha = tl.math.exp2(m_i - m_safe)
-  p = tl.math.exp2(s - m_safe[:, None])
-  l_i = l_i * alpha + tl.sum(p, 1)
-  acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-  return acc, m_new, l_i
-
-
-@triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, q, q_idx, q_hash,
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
@@ -173,60 +145,24 @@ def _fwd_tiles(
     MASKED: tl.constexpr, BRANCH: tl.constexpr,
 ):  # fmt: skip
   for j in range(lo, hi):
-    acc, m_i, l_i = _fwd_step(
-        acc, m_i, l_i, q, q_idx, q_hash, k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK,
-        j, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, MASKED, BRANCH,
+    slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_bounds = slot < LK
+    k_offset, k_valid = _row_offsets(k_perm_ptr, slot, in_bounds, b, n, S, N, H)
+    k = _load_rows(k_ptr, k_offset, k_valid, H)
+    v = _load_rows(v_ptr, k_offset, k_valid, H)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
+    s = _mask_tile(
+        s, float("-inf"), j, full_lo, full_hi, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds,
+        True, HASHED, STRICT, CHECK_PADS, MASKED, BRANCH,
     )  # fmt: skip
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    m_i = m_new
   return acc, m_i, l_i
-
-
-@triton.jit
-def _query_rows(q_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, tile_m, b, n, T, LQ,
-                N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, HASHED: tl.constexpr):  # fmt: skip
-  """Query tile tile_m of head (b, n): its slots, their rows' offsets and the rows, and their keys."""
-  slot = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-  in_bounds = slot < LQ
-  q_offset, q_valid = _row_offsets(q_perm_ptr, slot, in_bounds, b, n, T, N, H)
-  q = _load_rows(q_ptr, q_offset, q_valid, H)
-  q_idx, q_hash = _token_keys(q_idx_ptr, q_hash_ptr, slot, in_bounds, -1, HASHED)
-  return slot, in_bounds, q_offset, q_valid, q, q_idx, q_hash
-
-
-@triton.jit
-def _fwd_store(acc, m_i, l_i, o_ptr, lse_ptr, q_offset, q_valid, slot, in_bounds, H: tl.constexpr):
-  has_key = l_i > 0.0
-  o = acc / tl.where(has_key, l_i, 1.0)[:, None]
-  lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
-  tl.store(o_ptr + q_offset[:, None] + tl.arange(0, H)[None, :], o.to(o_ptr.dtype.element_ty), mask=q_valid[:, None])
-  tl.store(lse_ptr + slot, lse, mask=in_bounds)
-
-
-@triton.jit
-def _group_steps(start_ptr, end_ptr, first, count, GROUP: tl.constexpr):
-  """Steps of a flattened loop over the ranges of `count` (<= GROUP) tiles from plan entry
-  `first`: max(1, length) per tile, since an empty range still takes one (masked) step,
-  whose epilogue stores that tile's outputs."""
-  g = tl.arange(0, GROUP)
-  here = g < count
-  lo = tl.load(start_ptr + first + g, mask=here, other=0)
-  hi = tl.load(end_ptr + first + g, mask=here, other=0)
-  return tl.sum(tl.where(here, tl.maximum(hi - lo, 1), 0), 0)
-
-
-@triton.jit
-def _group_next(step, t, j, next_begin, start_ptr, end_ptr, full_start_ptr, full_end_ptr, first, NUM_OTHER):
-  """Step `step` of the flattened loop: (starts a tile, tile t of the group, streamed tile j,
-  full_lo, full_hi, the step that starts the next tile). An empty range's step streams tile
-  NUM_OTHER, past every slot, so the mask drops its whole tile."""
-  new = step == next_begin
-  t = t + new.to(tl.int32)
-  lo = tl.load(start_ptr + first + t)
-  hi = tl.load(end_ptr + first + t)
-  full_lo = tl.load(full_start_ptr + first + t)
-  full_hi = tl.load(full_end_ptr + first + t)
-  j = tl.where(new, lo, j + 1)
-  next_begin = tl.where(new, next_begin + tl.maximum(hi - lo, 1), next_begin)
-  return new, t, j, tl.where(j < hi, j, NUM_OTHER), full_lo, full_hi, next_begin
 
 
 @triton.jit
@@ -236,66 +172,38 @@ def scfa_fwd(
     o_ptr, lse_ptr,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, GROUP: tl.constexpr,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-  """One program per GROUP query tiles of one batch * head: O and lse of their sorted slots.
-
-  GROUP > 1 walks the tiles' ranges as one flattened loop (ONE_LOOP's branch on full
-  tiles), so the next tile's first key tiles load while this one finishes.
-  """
+  """One program per (query tile, batch * head): O and lse for BLOCK_M sorted query slots."""
   LQ = _multiple_of_16(LQ, ALIGNED)
   LK = _multiple_of_16(LK, ALIGNED)
+  pid_m = tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // N
   n = bh % N
-  q_perm_ptr += bh * LQ
-  q_idx_ptr += bh * LQ
-  q_hash_ptr += bh * LQ
-  lse_ptr += bh * LQ
-  k_perm_ptr += bh * LK
-  k_idx_ptr += bh * LK
-  k_hash_ptr += bh * LK
-  num_tiles = tl.cdiv(LQ, BLOCK_M)
-  tile_m = tl.program_id(0) * GROUP
-  first = bh * num_tiles + tile_m  # the plan entry of the program's first tile
+  slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+  in_bounds = slot < LQ
+  q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H)
+  q = _load_rows(q_ptr, q_offset, q_valid, H)
+  q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
+  tile = bh * tl.num_programs(0) + pid_m
+
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_M], tl.float32)
   acc = tl.zeros([BLOCK_M, H], tl.float32)
-  if GROUP == 1:
-    slot, in_bounds, q_offset, q_valid, q, q_idx, q_hash = _query_rows(
-        q_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, tile_m, b, n, T, LQ, N, H, BLOCK_M, HASHED
+  for part in tl.static_range(3 - 2 * ONE_LOOP):
+    lo, hi, full_lo, full_hi = _parts(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part, ONE_LOOP)
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, q, q_idx, q_hash,
+        k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, part != 1, ONE_LOOP,
     )  # fmt: skip
-    for part in tl.static_range(3 - 2 * ONE_LOOP):
-      lo, hi, full_lo, full_hi = _parts(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, first, part, ONE_LOOP)
-      acc, m_i, l_i = _fwd_tiles(
-          acc, m_i, l_i, q, q_idx, q_hash, k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK,
-          lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, part != 1, ONE_LOOP,
-      )  # fmt: skip
-    _fwd_store(acc, m_i, l_i, o_ptr, lse_ptr, q_offset, q_valid, slot, in_bounds, H)
-  else:
-    steps = _group_steps(start_n_ptr, end_n_ptr, first, num_tiles - tile_m, GROUP)
-    t = tl.program_id(0) * 0 - 1
-    j = t
-    next_begin = t + 1
-    for step in range(steps):
-      new, t, j, j_eff, full_lo, full_hi, next_begin = _group_next(
-          step, t, j, next_begin, start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, first, tl.cdiv(LK, BLOCK_N)
-      )  # fmt: skip
-      # Reloaded every step, so that they pipeline like k and v instead of living in registers.
-      slot, in_bounds, q_offset, q_valid, q, q_idx, q_hash = _query_rows(
-          q_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, tile_m + t, b, n, T, LQ, N, H, BLOCK_M, HASHED
-      )  # fmt: skip
-      m_i = tl.where(new, float("-inf"), m_i)  # alpha = 0 then clears l_i and acc
-      acc, m_i, l_i = _fwd_step(
-          acc, m_i, l_i, q, q_idx, q_hash, k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK,
-          j_eff, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, True, True,
-      )  # fmt: skip
-      # Masked, not branched: a store under `if` stops Triton from pipelining the loop.
-      last = step + 1 == next_begin
-      _fwd_store(
-          acc, m_i, l_i, o_ptr, lse_ptr, q_offset, tl.where(last, q_valid, False), slot,
-          tl.where(last, in_bounds, False), H,
-      )  # fmt: skip
+
+  has_key = l_i > 0.0
+  o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+  lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+  tl.store(o_ptr + q_offset[:, None] + tl.arange(0, H)[None, :], o.to(o_ptr.dtype.element_ty), mask=q_valid[:, None])
+  tl.store(lse_ptr + bh * LQ + slot, lse, mask=in_bounds)
 
 
 @triton.jit

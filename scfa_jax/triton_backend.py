@@ -45,7 +45,6 @@ class KernelConfig:
   bwd_num_warps: int = 4
   bwd_num_stages: int = 2
   one_loop: bool = False  # one pipelined loop per range that branches on full tiles, not three loops
-  group: int = 1  # forward: query tiles per program, their ranges flattened into one loop
   # Hashed tokens: pad each bucket's run to a tile boundary (sorting.align_runs). Off: its
   # jnp work cost more than the kernels gained (results/profile_h200_16k_align.json).
   align_buckets: bool = False
@@ -85,7 +84,7 @@ _GPU_CONFIGS = {
 # The interpreter runs every program in numpy: small tiles keep tests fast and still
 # give several tiles per head at test lengths; the loop structure follows the GPU's.
 _INTERPRET_CONFIGS = {
-    hashed: KernelConfig(block_m=16, block_n=16, block_m1=16, block_n1=32, block_m2=32, block_n2=16, one_loop=hashed, group=4 if hashed else 1)
+    hashed: KernelConfig(block_m=16, block_n=16, block_m1=16, block_n1=32, block_m2=32, block_n2=16, one_loop=hashed)
     for hashed in (False, True)
 }
 
@@ -337,11 +336,11 @@ def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
   c = _call(config, q, k, tokens)
   b, n, t = tokens.q_perm.shape
   return _launch(
-      config.implementation, _kernels().scfa_fwd, name="scfa_fwd", grid=(-(-plan.num_q_tiles // c.tiles.group), c.bn),
+      config.implementation, _kernels().scfa_fwd, name="scfa_fwd", grid=(plan.num_q_tiles, c.bn),
       inputs=(q, k, v, *c.indices, plan.start_n, plan.end_n, plan.full_start_n, plan.full_end_n, *c.lengths),
       out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
       num_warps=c.tiles.num_warps, num_stages=c.tiles.num_stages,
-      BLOCK_M=c.tiles.block_m, BLOCK_N=c.tiles.block_n, ONE_LOOP=c.tiles.one_loop, GROUP=c.tiles.group, **c.meta,
+      BLOCK_M=c.tiles.block_m, BLOCK_N=c.tiles.block_n, ONE_LOOP=c.tiles.one_loop, **c.meta,
   )  # fmt: skip
 
 
