@@ -68,7 +68,7 @@ class KernelConfig:
 # programs per SM (registers) beat pipeline depth: the forward's 64x32 tiles with 2 stages
 # take 96 registers against 160 for 64x64 with 3 (5 programs per SM, not 3; Triton 3.9's
 # sm_90 build, experiments/kernel_resources.py): hash-64 forward -20%, hash-16 -9%,
-# hash-2 +6% at H=64 (results/profile_h200_occupancy.json; other head dims untimed).
+# hash-2 +6% at H=64 (results/profile_h200_occupancy.json).
 _QK_CONFIG = KernelConfig(
     block_m=128, block_n=64, block_m1=32, block_n1=128, block_m2=64, block_n2=32,
     num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=5,
@@ -76,10 +76,19 @@ _QK_CONFIG = KernelConfig(
 _HASH_CONFIG = dataclasses.replace(
     _QK_CONFIG, block_m=64, block_n=32, num_stages=2, block_n1=64, one_loop=True
 )
-_GPU_CONFIGS = {
-    (h, hashed): config if h < 128 else dataclasses.replace(config, num_warps=8, bwd_num_warps=8, bwd_num_stages=3)
-    for h in HEAD_DIMS
-    for hashed, config in ((False, _QK_CONFIG), (True, _HASH_CONFIG))
+# Other head dims, timed at T=16384 with N*H = 3072 (results/profile_h200_16k_head_dims.json).
+# H=128 takes 4 warps everywhere, 64-row forward tiles and 64-key dK/dV tiles, and in QK mode
+# 64-key dQ steps (a 64-key hash dQ was 9-17% slower); the 8-warp tiles held 1 program per SM
+# and were 1.6-2.2x slower (GPU ms, all kept 115.5 -> 72.2, hash-16 15.1 -> 7.4). Its hash
+# forward runs 1 stage (164 registers, 3 programs per SM). H=32 takes 64x64 QK forward tiles
+# (all kept forward 30.0 -> 27.6 ms, drop-70 4.09 -> 3.43). H=16 is untimed: H=64's table.
+_GPU_CONFIGS = {(h, hashed): _HASH_CONFIG if hashed else _QK_CONFIG for h in HEAD_DIMS for hashed in (False, True)}
+_GPU_CONFIGS |= {
+    (32, False): dataclasses.replace(_QK_CONFIG, block_m=64),
+    (128, False): dataclasses.replace(
+        _QK_CONFIG, block_m=64, num_stages=2, block_n1=64, block_n2=64, bwd_num_stages=3
+    ),
+    (128, True): dataclasses.replace(_HASH_CONFIG, num_stages=1, bwd_num_stages=3),
 }
 # The interpreter runs every program in numpy: small tiles keep tests fast and still
 # give several tiles per head at test lengths; the loop structure follows the GPU's.
