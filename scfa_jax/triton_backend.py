@@ -80,10 +80,12 @@ _HASH_CONFIG = dataclasses.replace(
 # H=128 takes 4 warps everywhere, 64-row forward tiles and 64-key dK/dV tiles, and in QK mode
 # 64-key dQ steps (a 64-key hash dQ was 9-17% slower); the 8-warp tiles held 1 program per SM
 # and were 1.6-2.2x slower (GPU ms, all kept 115.5 -> 72.2, hash-16 15.1 -> 7.4). Its hash
-# forward runs 1 stage (164 registers, 3 programs per SM). H=32 takes 64x64 QK forward tiles
-# (all kept forward 30.0 -> 27.6 ms, drop-70 4.09 -> 3.43). H=16 is untimed: H=64's table.
+# forward runs 1 stage (164 registers, 3 programs per SM). H=32 and H=16 take 64x64 QK
+# forward tiles (forward, all kept: 30.0 -> 27.6 ms at H=32, 55.6 -> 49.4 at H=16; drop-70
+# 4.09 -> 3.43 and 7.35 -> 6.19), which at H=64 were 4-7% slower (profile_h200_qk_tiles_h64.json).
 _GPU_CONFIGS = {(h, hashed): _HASH_CONFIG if hashed else _QK_CONFIG for h in HEAD_DIMS for hashed in (False, True)}
 _GPU_CONFIGS |= {
+    (16, False): dataclasses.replace(_QK_CONFIG, block_m=64),
     (32, False): dataclasses.replace(_QK_CONFIG, block_m=64),
     (128, False): dataclasses.replace(
         _QK_CONFIG, block_m=64, num_stages=2, block_n1=64, block_n2=64, bwd_num_stages=3

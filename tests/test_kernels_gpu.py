@@ -73,6 +73,9 @@ CASES = [
     (jnp.bfloat16, 128, 2048, "qk", 0.9, False),
     (jnp.float16, 64, 777, "qk", 1.0, False),
     (jnp.bfloat16, 64, 2048, "qk", 0.3, False),
+    (jnp.bfloat16, 32, 1000, "qk", 0.3, True),  # H=32 and H=16 have their own QK forward tiles
+    (jnp.float16, 16, 4097, "qk", 0.0, False),
+    (jnp.bfloat16, 32, 777, "hash", 8, False),
 ]
 
 
