@@ -82,9 +82,10 @@ _HASH_CONFIG = dataclasses.replace(
 # and were 1.6-2.2x slower (GPU ms, all kept 115.5 -> 72.2, hash-16 15.1 -> 7.4). Its hash
 # forward runs 1 stage (164 registers, 3 programs per SM). H=32 and H=16 take 64x64 QK
 # forward tiles (forward, all kept: 30.0 -> 27.6 ms at H=32, 55.6 -> 49.4 at H=16; drop-70
-# 4.09 -> 3.43 and 7.35 -> 6.19), which at H=64 were 4-7% slower (profile_h200_qk_tiles_h64.json).
-_GPU_CONFIGS = {(h, hashed): _HASH_CONFIG if hashed else _QK_CONFIG for h in HEAD_DIMS for hashed in (False, True)}
-_GPU_CONFIGS |= {
+# 4.09 -> 3.43 and 7.35 -> 6.19), which at H=64 were 4-7% slower (profile_h200_h64_tile_recheck.json).
+_GPU_CONFIGS = {
+    (h, hashed): _HASH_CONFIG if hashed else _QK_CONFIG for h in HEAD_DIMS for hashed in (False, True)
+} | {
     (16, False): dataclasses.replace(_QK_CONFIG, block_m=64),
     (32, False): dataclasses.replace(_QK_CONFIG, block_m=64),
     (128, False): dataclasses.replace(
