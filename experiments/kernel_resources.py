@@ -89,12 +89,13 @@ def kernel_rows(spec: str, head_dim: int, hashed: bool, maxnreg: dict | None = N
   fwd_launch = (tiles.num_warps, tiles.num_stages, {})
   bwd_launch = (tiles.bwd_num_warps, tiles.bwd_num_stages, dict(SM_SCALE=0.125))
   kernels = (
-      ("fwd", attention.scfa_fwd, tiles.block_m, tiles.block_n, *fwd_launch),
-      ("dq", attention.scfa_bwd_dq, tiles.block_m2, tiles.block_n2, *bwd_launch),
-      ("dkdv", attention.scfa_bwd_dkdv, tiles.block_m1, tiles.block_n1, *bwd_launch),
+      ("fwd", attention.scfa_fwd, *fwd_launch),
+      ("dq", attention.scfa_bwd_dq, *bwd_launch),
+      ("dkdv", attention.scfa_bwd_dkdv, *bwd_launch),
   )
   rows = []
-  for name, kernel, block_m, block_n, warps, stages, extra in kernels:
+  for name, kernel, warps, stages, extra in kernels:
+    (block_m, block_n), _ = tiles.kernel_tiles[name]
     constexprs = dict(base, BLOCK_M=block_m, BLOCK_N=block_n, **extra)
     row = dict(variant=spec, head_dim=head_dim, hashed=hashed, kernel=name, tile=f"{block_m}x{block_n}")
     usage = resources(kernel, constexprs, warps, stages, (maxnreg or {}).get(name))

@@ -51,16 +51,11 @@ def case_tokens(name: str, b: int, t: int, n: int, seed: int) -> sorting.SortedT
 
 
 def kernel_rows(name: str, tokens: sorting.SortedTokens, head_dim: int) -> list[dict]:
-  tiles = triton_backend.kernel_config("triton", head_dim, tokens.hashed)
-  shapes = {
-      "fwd": ((tiles.block_m, tiles.block_n), "q"),
-      "dq": ((tiles.block_m2, tiles.block_n2), "q"),
-      "dkdv": ((tiles.block_m1, tiles.block_n1), "k"),
-  }
+  kernel_tiles = triton_backend.kernel_config("triton", head_dim, tokens.hashed).kernel_tiles
   useful = allowed_pairs(tokens)
   heads = tokens.q_idx.shape[0] * tokens.q_idx.shape[1]
   rows = []
-  for kernel, ((block_q, block_k), view) in shapes.items():
+  for kernel, ((block_q, block_k), view) in kernel_tiles.items():
     dense = np.asarray(plan.make_plan(tokens, block_q=block_q, block_k=block_k, strict=False).to_dense(view))
     visited, full = int((dense != plan.SKIP).sum()), int((dense == plan.FULL).sum())
     rows.append(dict(

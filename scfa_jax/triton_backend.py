@@ -53,6 +53,16 @@ class KernelConfig:
   plan_kernel: bool = True
 
   @property
+  def kernel_tiles(self) -> dict[str, tuple[tuple[int, int], str]]:
+    """Per kernel, its tile (query rows, key rows) and the view of the tile plan it reads:
+    the forward and dQ stream key tiles past query tiles ("q"), dK/dV the reverse ("k")."""
+    return {
+        "fwd": ((self.block_m, self.block_n), "q"),
+        "dkdv": ((self.block_m1, self.block_n1), "k"),
+        "dq": ((self.block_m2, self.block_n2), "q"),
+    }
+
+  @property
   def align(self) -> int:
     """The tile size every kernel's tiles divide: where bucket runs start after align_runs."""
     return max(self.block_m, self.block_n, self.block_m1, self.block_n1, self.block_m2, self.block_n2)
@@ -317,10 +327,8 @@ def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
   view its kernel reads. Ordered tokens take one plan kernel launch per distinct view;
   other orders (or `plan_kernel=False`) plan.py's jnp."""
   tiles = _tiles(config, q.shape[-1], tokens)
-  shapes = [(tiles.block_m, tiles.block_n)]
-  if backward:
-    shapes += [(tiles.block_m1, tiles.block_n1), (tiles.block_m2, tiles.block_n2)]
-  views = ["q", "k", "q"][: len(shapes)]
+  kernels = ("fwd", "dkdv", "dq") if backward else ("fwd",)  # `Plans`' field order
+  shapes, views = zip(*(tiles.kernel_tiles[k] for k in kernels))
   if not (tokens.ordered and tiles.plan_kernel):
     plans = plan_lib.make_plans(tokens, shapes, strict=config.strict, views=views)
   else:
