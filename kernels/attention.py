@@ -53,11 +53,18 @@ def _multiple_of_16(x, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(perm_ptr, slot, in_bounds, b, n, ROWS, N: tl.constexpr, H: tl.constexpr):
+def _row_offsets(perm_ptr, slot, in_bounds, b, n, ROWS, N: tl.constexpr, H: tl.constexpr, WIDE: tl.constexpr):
   """(element offsets, holds a row) of the rows of head (b, n) that slots `slot` read
-  through perm; ROWS is the length of the row axis (T or S)."""
+  through perm; ROWS is the length of the row axis (T or S). Offsets are 32-bit unless
+  WIDE (an array of 2**31 elements or more): 64-bit math costs the inner loops about ten
+  integer instructions per gathered row. Pads (row -1) get offsets too, never dereferenced:
+  every load and store through them is masked by `holds a row`."""
   row = tl.load(perm_ptr + slot, mask=in_bounds, other=-1)
-  return ((b * ROWS + tl.maximum(row, 0)).to(tl.int64) * N + n) * H, row >= 0
+  if WIDE:
+    offset = ((b * ROWS + row).to(tl.int64) * N + n) * H
+  else:
+    offset = ((b * ROWS + row) * N + n) * H
+  return offset, row >= 0
 
 
 @triton.jit
@@ -113,6 +120,17 @@ def _mask_tile(x, fill, tile, full_lo, full_hi, own_idx, own_hash, other_idx_ptr
 
 
 @triton.jit
+def _query_tile(HEAVY_FIRST: tl.constexpr):
+  """The query tile of this program. HEAVY_FIRST launches the last tiles first: in time
+  order a later query tile has the longer causal range, and starting the long programs
+  first leaves only short ones for the last wave (no SM idles behind one long program)."""
+  pid_m = tl.program_id(0)
+  if HEAVY_FIRST:
+    pid_m = tl.num_programs(0) - 1 - pid_m
+  return pid_m
+
+
+@triton.jit
 def _parts(start_ptr, end_ptr, full_start_ptr, full_end_ptr, tile, PART: tl.constexpr, ONE_LOOP: tl.constexpr):
   """(lo, hi, full_lo, full_hi) of loop PART over a tile's range.
 
@@ -142,22 +160,29 @@ def _fwd_tiles(
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr, BRANCH: tl.constexpr,
+    WIDE: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
 ):  # fmt: skip
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = slot < LK
-    k_offset, k_valid = _row_offsets(k_perm_ptr, slot, in_bounds, b, n, S, N, H)
+    k_offset, k_valid = _row_offsets(k_perm_ptr, slot, in_bounds, b, n, S, N, H, WIDE)
     k = _load_rows(k_ptr, k_offset, k_valid, H)
     v = _load_rows(v_ptr, k_offset, k_valid, H)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if not SCALE_AFTER_MAX:
+      s = s * QK_SCALE
     s = _mask_tile(
         s, float("-inf"), j, full_lo, full_hi, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds,
         True, HASHED, STRICT, CHECK_PADS, MASKED, BRANCH,
     )  # fmt: skip
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if SCALE_AFTER_MAX:  # max(c s) = c max(s) for c > 0: one multiply per row, not per score
+      m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
+    else:
+      m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
     alpha = tl.math.exp2(m_i - m_safe)
+    if SCALE_AFTER_MAX:
+      s = s * QK_SCALE  # fused with the subtraction below into one FFMA
     p = tl.math.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -172,18 +197,19 @@ def scfa_fwd(
     o_ptr, lse_ptr,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): O and lse for BLOCK_M sorted query slots."""
   LQ = _multiple_of_16(LQ, ALIGNED)
   LK = _multiple_of_16(LK, ALIGNED)
-  pid_m = tl.program_id(0)
+  pid_m = _query_tile(HEAVY_FIRST)
   bh = tl.program_id(1)
   b = bh // N
   n = bh % N
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
   in_bounds = slot < LQ
-  q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H)
+  q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H, WIDE)
   q = _load_rows(q_ptr, q_offset, q_valid, H)
   q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
   tile = bh * tl.num_programs(0) + pid_m
@@ -196,7 +222,8 @@ def scfa_fwd(
     acc, m_i, l_i = _fwd_tiles(
         acc, m_i, l_i, q, q_idx, q_hash,
         k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, part != 1, ONE_LOOP,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
+        SCALE_AFTER_MAX, part != 1, ONE_LOOP,
     )  # fmt: skip
 
   has_key = l_i > 0.0
@@ -212,12 +239,12 @@ def _dkdv_tiles(
     q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, b, n, T, LQ, lo, hi, full_lo, full_hi,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr, BRANCH: tl.constexpr,
+    WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
 ):  # fmt: skip
   for i in range(lo, hi):
     slot = i * BLOCK_M + tl.arange(0, BLOCK_M)
     in_bounds = slot < LQ
-    q_offset, q_valid = _row_offsets(q_perm_ptr, slot, in_bounds, b, n, T, N, H)
+    q_offset, q_valid = _row_offsets(q_perm_ptr, slot, in_bounds, b, n, T, N, H, WIDE)
     q = _load_rows(q_ptr, q_offset, q_valid, H)
     do = _load_rows(do_ptr, q_offset, q_valid, H)
     lse = tl.load(lse_ptr + slot, mask=in_bounds, other=float("inf"))
@@ -244,7 +271,7 @@ def scfa_bwd_dkdv(
     SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
   """One program per (key tile, batch * head): dK and dV of BLOCK_N sorted key slots.
 
@@ -258,7 +285,7 @@ def scfa_bwd_dkdv(
   n = bh % N
   slot = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   in_bounds = slot < LK
-  k_offset, k_valid = _row_offsets(k_perm_ptr + bh * LK, slot, in_bounds, b, n, S, N, H)
+  k_offset, k_valid = _row_offsets(k_perm_ptr + bh * LK, slot, in_bounds, b, n, S, N, H, WIDE)
   k = _load_rows(k_ptr, k_offset, k_valid, H)
   v = _load_rows(v_ptr, k_offset, k_valid, H)
   k_idx, k_hash = _token_keys(k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, slot, in_bounds, K_PAD, HASHED)
@@ -272,7 +299,7 @@ def scfa_bwd_dkdv(
         dk, dv, k, v, k_idx, k_hash,
         q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
         delta_ptr + bh * LQ, b, n, T, LQ,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, part != 1, ONE_LOOP,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, part != 1, ONE_LOOP,
     )  # fmt: skip
 
   offsets = k_offset[:, None] + tl.arange(0, H)[None, :]
@@ -286,12 +313,12 @@ def _dq_tiles(
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr, BRANCH: tl.constexpr,
+    WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
 ):  # fmt: skip
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = slot < LK
-    k_offset, k_valid = _row_offsets(k_perm_ptr, slot, in_bounds, b, n, S, N, H)
+    k_offset, k_valid = _row_offsets(k_perm_ptr, slot, in_bounds, b, n, S, N, H, WIDE)
     k = _load_rows(k_ptr, k_offset, k_valid, H)
     v = _load_rows(v_ptr, k_offset, k_valid, H)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
@@ -314,7 +341,7 @@ def scfa_bwd_dq(
     SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, HEAVY_FIRST: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): dQ of BLOCK_M sorted query slots.
 
@@ -323,13 +350,13 @@ def scfa_bwd_dq(
   """
   LQ = _multiple_of_16(LQ, ALIGNED)
   LK = _multiple_of_16(LK, ALIGNED)
-  pid_m = tl.program_id(0)
+  pid_m = _query_tile(HEAVY_FIRST)
   bh = tl.program_id(1)
   b = bh // N
   n = bh % N
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
   in_bounds = slot < LQ
-  q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H)
+  q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H, WIDE)
   q = _load_rows(q_ptr, q_offset, q_valid, H)
   do = _load_rows(do_ptr, q_offset, q_valid, H)
   delta = tl.sum(do.to(tl.float32) * _load_rows(o_ptr, q_offset, q_valid, H).to(tl.float32), 1)
@@ -344,7 +371,7 @@ def scfa_bwd_dq(
     dq = _dq_tiles(
         dq, q, do, lse, delta, q_idx, q_hash,
         k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, part != 1, ONE_LOOP,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, part != 1, ONE_LOOP,
     )  # fmt: skip
   offsets = q_offset[:, None] + tl.arange(0, H)[None, :]
   tl.store(dq_ptr + offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])

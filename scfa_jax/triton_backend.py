@@ -51,6 +51,13 @@ class KernelConfig:
   # Ordered tokens' plans from one launch of kernels/plan.py per view; False: plan.py's jnp
   # searches, one small XLA kernel per step (kept to compare).
   plan_kernel: bool = True
+  # Probes (session 10), each on by default and off to compare: the forward takes its row
+  # max before scaling (one multiply per row, not per score; positive scales only), gathered
+  # rows use 32-bit offsets when the arrays allow, and the query-major kernels launch their
+  # last (longest) query tiles first.
+  scale_after_max: bool = True
+  narrow_offsets: bool = True
+  heavy_first: bool = True
 
   @property
   def kernel_tiles(self) -> dict[str, tuple[tuple[int, int], str]]:
@@ -277,9 +284,11 @@ def _call(config, q, k, tokens: SortedTokens) -> _Call:
       PRECISION="ieee" if q.dtype == jnp.float32 else "tf32",
   )  # fmt: skip
   lengths = (t, k.shape[1], tokens.q_perm.shape[-1], tokens.k_perm.shape[-1])  # rows, then slots
+  tiles = _tiles(config, h, tokens)
   meta["ALIGNED"] = all(x % 16 == 0 for x in lengths)
+  meta["WIDE"] = not tiles.narrow_offsets or max(q.size, k.size) >= 2**31  # element offsets need 64 bits
   indices = (tokens.q_perm, tokens.k_perm, tokens.q_idx, tokens.k_idx, *hashes)
-  return _Call(_tiles(config, h, tokens), b * n, indices, lengths, meta)
+  return _Call(tiles, b * n, indices, lengths, meta)
 
 
 @jax.tree_util.register_dataclass
@@ -360,16 +369,17 @@ def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
       inputs=(q, k, v, *c.indices, plan.start_n, plan.end_n, plan.full_start_n, plan.full_end_n, *c.lengths),
       out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
       num_warps=c.tiles.num_warps, num_stages=c.tiles.num_stages,
-      BLOCK_M=c.tiles.block_m, BLOCK_N=c.tiles.block_n, ONE_LOOP=c.tiles.one_loop, **c.meta,
+      BLOCK_M=c.tiles.block_m, BLOCK_N=c.tiles.block_n, ONE_LOOP=c.tiles.one_loop, HEAVY_FIRST=c.tiles.heavy_first,
+      SCALE_AFTER_MAX=c.tiles.scale_after_max and config.scale > 0, **c.meta,
   )  # fmt: skip
 
 
-def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, out_shapes, block_m, block_n):
+def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, out_shapes, block_m, block_n, **meta):
   return _launch(
       config.implementation, kernel, name=name, grid=grid,
       inputs=(*operands[:4], *c.indices, *operands[4:], *plan_ranges, *c.lengths), out_shapes=out_shapes,
       num_warps=c.tiles.bwd_num_warps, num_stages=c.tiles.bwd_num_stages,
-      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_LOOP=c.tiles.one_loop, **c.meta,
+      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_LOOP=c.tiles.one_loop, **c.meta, **meta,
   )  # fmt: skip
 
 
@@ -381,7 +391,7 @@ def dq_kernel(config, q, k, v, tokens, o, lse, do, plan: plan_lib.TilePlan):
       config, c, _kernels().scfa_bwd_dq, (plan.start_n, plan.end_n, plan.full_start_n, plan.full_end_n),
       name="scfa_bwd_dq", grid=(plan.num_q_tiles, c.bn), operands=(q, k, v, do, lse, o),
       out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
-      block_m=c.tiles.block_m2, block_n=c.tiles.block_n2,
+      block_m=c.tiles.block_m2, block_n=c.tiles.block_n2, HEAVY_FIRST=c.tiles.heavy_first,
   )  # fmt: skip
 
 

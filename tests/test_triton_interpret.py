@@ -77,6 +77,58 @@ def test_qk_drop(drop_rate):
   )  # fmt: skip
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.7])
+def test_any_scale_sign(scale):
+  """The forward takes the row max before scaling only for positive scales (max(c s) = c max(s)
+  needs c > 0); a negative or zero scale must take the other path and still be right."""
+  key = jax.random.PRNGKey(5)
+  b, t, n = 2, 70, 2
+  q, k, v = _qkv(key, b, t, t, n, H)
+  kw = dict(q_buckets=_buckets(jax.random.fold_in(key, 1), (b, t, n), 2), scale=scale)
+  kw["k_buckets"] = kw["q_buckets"]
+  _check_against(
+      functools.partial(scfa_jax.hash_sparse_attention, **kw, implementation=IMPL),
+      functools.partial(reference.hash_sparse_attention, **kw),
+      (q, k, v), jnp.float32, key,
+  )  # fmt: skip
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_launch_order_and_offset_width_change_no_bit(hashed):
+  """KernelConfig's heavy_first (launch order), narrow_offsets (32-bit row offsets) and
+  scale_after_max switch how programs are scheduled and addressed and where the forward
+  scales: each program computes the same values, so outputs and gradients match the
+  defaults bit for bit (scale_after_max: to float32 rounding)."""
+  import dataclasses  # noqa: PLC0415
+
+  from scfa_jax import core, sorting, triton_backend  # noqa: PLC0415
+
+  key = jax.random.PRNGKey(12)
+  b, t, n = 2, 83, 2
+  q, k, v = _qkv(key, b, t, t, n, H)
+  rng = np.random.default_rng(4)
+  if hashed:
+    tokens = sorting.by_bucket(jnp.asarray(rng.integers(0, 3, (b, t, n))), jnp.asarray(rng.integers(0, 3, (b, t, n))))
+  else:
+    tokens = sorting.by_keep_mask(jnp.asarray(rng.random((b, t, n)) < 0.7), jnp.asarray(rng.random((b, t, n)) < 0.7))
+  table = triton_backend.kernel_config(IMPL, H, hashed)
+  cotangent = jax.random.normal(key, q.shape)
+
+  def run(**fields):
+    config = core.AttentionConfig(
+        implementation=IMPL, strict=False, scale=H**-0.5, kernel=dataclasses.replace(table, **fields)
+    )
+    out, vjp = jax.vjp(lambda q, k, v: core.attention(q, k, v, tokens, config), q, k, v)
+    return [np.asarray(x) for x in (out, *vjp(cotangent))]
+
+  assert table.heavy_first and table.narrow_offsets and table.scale_after_max
+  default = run()
+  for got, want in zip(run(heavy_first=False, narrow_offsets=False), default, strict=True):
+    np.testing.assert_array_equal(got, want)
+  for got, want in zip(run(scale_after_max=False), default, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_float16_skewed_buckets_and_a_dropped_head():
   key = jax.random.PRNGKey(5)
   b, t, n = 1, 150, 3
