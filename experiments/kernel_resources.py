@@ -86,13 +86,12 @@ def kernel_rows(spec: str, head_dim: int, hashed: bool, maxnreg: dict | None = N
       N=48, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False,
       PRECISION="tf32", ONE_LOOP=tiles.one_loop, ALIGNED=True, WIDE=not tiles.narrow_offsets,
   )  # fmt: skip
-  query_major = dict(HEAVY_FIRST=tiles.heavy_first)
-  fwd_launch = (tiles.num_warps, tiles.num_stages, dict(query_major, SCALE_AFTER_MAX=tiles.scale_after_max))
-  bwd = (tiles.bwd_num_warps, tiles.bwd_num_stages)
+  fwd_launch = (tiles.num_warps, tiles.num_stages, dict(SCALE_AFTER_MAX=tiles.scale_after_max))
+  bwd_launch = (tiles.bwd_num_warps, tiles.bwd_num_stages, dict(SM_SCALE=0.125))
   kernels = (
       ("fwd", attention.scfa_fwd, *fwd_launch),
-      ("dq", attention.scfa_bwd_dq, *bwd, dict(query_major, SM_SCALE=0.125)),
-      ("dkdv", attention.scfa_bwd_dkdv, *bwd, dict(SM_SCALE=0.125)),
+      ("dq", attention.scfa_bwd_dq, *bwd_launch),
+      ("dkdv", attention.scfa_bwd_dkdv, *bwd_launch),
   )
   rows = []
   for name, kernel, warps, stages, extra in kernels:

@@ -120,17 +120,6 @@ def _mask_tile(x, fill, tile, full_lo, full_hi, own_idx, own_hash, other_idx_ptr
 
 
 @triton.jit
-def _query_tile(HEAVY_FIRST: tl.constexpr):
-  """The query tile of this program. HEAVY_FIRST launches the last tiles first: in time
-  order a later query tile has the longer causal range, and starting the long programs
-  first leaves only short ones for the last wave (no SM idles behind one long program)."""
-  pid_m = tl.program_id(0)
-  if HEAVY_FIRST:
-    pid_m = tl.num_programs(0) - 1 - pid_m
-  return pid_m
-
-
-@triton.jit
 def _parts(start_ptr, end_ptr, full_start_ptr, full_end_ptr, tile, PART: tl.constexpr, ONE_LOOP: tl.constexpr):
   """(lo, hi, full_lo, full_hi) of loop PART over a tile's range.
 
@@ -198,12 +187,11 @@ def scfa_fwd(
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): O and lse for BLOCK_M sorted query slots."""
   LQ = _multiple_of_16(LQ, ALIGNED)
   LK = _multiple_of_16(LK, ALIGNED)
-  pid_m = _query_tile(HEAVY_FIRST)
+  pid_m = tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // N
   n = bh % N
@@ -341,7 +329,7 @@ def scfa_bwd_dq(
     SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): dQ of BLOCK_M sorted query slots.
 
@@ -350,7 +338,7 @@ def scfa_bwd_dq(
   """
   LQ = _multiple_of_16(LQ, ALIGNED)
   LK = _multiple_of_16(LK, ALIGNED)
-  pid_m = _query_tile(HEAVY_FIRST)
+  pid_m = tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // N
   n = bh % N

@@ -51,13 +51,12 @@ class KernelConfig:
   # Ordered tokens' plans from one launch of kernels/plan.py per view; False: plan.py's jnp
   # searches, one small XLA kernel per step (kept to compare).
   plan_kernel: bool = True
-  # Probes (session 10), each on by default and off to compare: the forward takes its row
-  # max before scaling (one multiply per row, not per score; positive scales only), gathered
-  # rows use 32-bit offsets when the arrays allow, and the query-major kernels launch their
-  # last (longest) query tiles first.
+  # The forward's row max taken before scaling (one multiply per row, not per score; positive
+  # scales only), and 32-bit offsets for gathered rows when no array reaches 2**31 elements
+  # (fewer integer instructions per tile, and registers: hash dQ 126 -> 102). False: as before,
+  # to compare (results/profile_h200_session10_probes.json: -3% of all-kept GPU time).
   scale_after_max: bool = True
   narrow_offsets: bool = True
-  heavy_first: bool = True
 
   @property
   def kernel_tiles(self) -> dict[str, tuple[tuple[int, int], str]]:
@@ -369,7 +368,7 @@ def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
       inputs=(q, k, v, *c.indices, plan.start_n, plan.end_n, plan.full_start_n, plan.full_end_n, *c.lengths),
       out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
       num_warps=c.tiles.num_warps, num_stages=c.tiles.num_stages,
-      BLOCK_M=c.tiles.block_m, BLOCK_N=c.tiles.block_n, ONE_LOOP=c.tiles.one_loop, HEAVY_FIRST=c.tiles.heavy_first,
+      BLOCK_M=c.tiles.block_m, BLOCK_N=c.tiles.block_n, ONE_LOOP=c.tiles.one_loop,
       SCALE_AFTER_MAX=c.tiles.scale_after_max and config.scale > 0, **c.meta,
   )  # fmt: skip
 
@@ -391,7 +390,7 @@ def dq_kernel(config, q, k, v, tokens, o, lse, do, plan: plan_lib.TilePlan):
       config, c, _kernels().scfa_bwd_dq, (plan.start_n, plan.end_n, plan.full_start_n, plan.full_end_n),
       name="scfa_bwd_dq", grid=(plan.num_q_tiles, c.bn), operands=(q, k, v, do, lse, o),
       out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
-      block_m=c.tiles.block_m2, block_n=c.tiles.block_n2, HEAVY_FIRST=c.tiles.heavy_first,
+      block_m=c.tiles.block_m2, block_n=c.tiles.block_n2,
   )  # fmt: skip
 
 
