@@ -287,7 +287,8 @@ def scfa_bwd_dkdv(
         dk, dv, k, v, k_idx, k_hash,
         q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
         delta_ptr + bh * LQ, b, n, T, LQ,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, part != 1, ONE_LOOP,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
+        part != 1, ONE_LOOP,
     )  # fmt: skip
 
   offsets = k_offset[:, None] + tl.arange(0, H)[None, :]
@@ -359,7 +360,8 @@ def scfa_bwd_dq(
     dq = _dq_tiles(
         dq, q, do, lse, delta, q_idx, q_hash,
         k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, part != 1, ONE_LOOP,
+        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
+        part != 1, ONE_LOOP,
     )  # fmt: skip
   offsets = q_offset[:, None] + tl.arange(0, H)[None, :]
   tl.store(dq_ptr + offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])
