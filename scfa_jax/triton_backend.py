@@ -373,12 +373,12 @@ def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
   )  # fmt: skip
 
 
-def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, out_shapes, block_m, block_n, **meta):
+def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, out_shapes, block_m, block_n):
   return _launch(
       config.implementation, kernel, name=name, grid=grid,
       inputs=(*operands[:4], *c.indices, *operands[4:], *plan_ranges, *c.lengths), out_shapes=out_shapes,
       num_warps=c.tiles.bwd_num_warps, num_stages=c.tiles.bwd_num_stages,
-      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_LOOP=c.tiles.one_loop, **c.meta, **meta,
+      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_LOOP=c.tiles.one_loop, **c.meta,
   )  # fmt: skip
 
 
