@@ -120,6 +120,15 @@ def _mask_tile(x, fill, tile, full_lo, full_hi, own_idx, own_hash, other_idx_ptr
 
 
 @triton.jit
+def _rows_to_read(valid, start_ptr, end_ptr, tile, SKIP_EMPTY: tl.constexpr):
+  """The rows of a tile worth reading: with SKIP_EMPTY none when the tile's range is empty.
+  Such a tile (QK mode's dropped tail: most of them at high drop rates) only stores zeros."""
+  if SKIP_EMPTY:
+    valid = tl.where(tl.load(start_ptr + tile) < tl.load(end_ptr + tile), valid, False)  # `&` breaks the interpreter
+  return valid
+
+
+@triton.jit
 def _parts(start_ptr, end_ptr, full_start_ptr, full_end_ptr, tile, PART: tl.constexpr, ONE_LOOP: tl.constexpr):
   """(lo, hi, full_lo, full_hi) of loop PART over a tile's range.
 
@@ -186,7 +195,8 @@ def scfa_fwd(
     o_ptr, lse_ptr,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    SCALE_AFTER_MAX: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): O and lse for BLOCK_M sorted query slots."""
   LQ = _multiple_of_16(LQ, ALIGNED)
@@ -198,9 +208,9 @@ def scfa_fwd(
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
   in_bounds = slot < LQ
   q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H, WIDE)
-  q = _load_rows(q_ptr, q_offset, q_valid, H)
-  q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
   tile = bh * tl.num_programs(0) + pid_m
+  q = _load_rows(q_ptr, q_offset, _rows_to_read(q_valid, start_n_ptr, end_n_ptr, tile, SKIP_EMPTY), H)
+  q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
 
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -259,7 +269,7 @@ def scfa_bwd_dkdv(
     SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
 ):  # fmt: skip
   """One program per (key tile, batch * head): dK and dV of BLOCK_N sorted key slots.
 
@@ -274,10 +284,11 @@ def scfa_bwd_dkdv(
   slot = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   in_bounds = slot < LK
   k_offset, k_valid = _row_offsets(k_perm_ptr + bh * LK, slot, in_bounds, b, n, S, N, H, WIDE)
-  k = _load_rows(k_ptr, k_offset, k_valid, H)
-  v = _load_rows(v_ptr, k_offset, k_valid, H)
-  k_idx, k_hash = _token_keys(k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, slot, in_bounds, K_PAD, HASHED)
   tile = bh * tl.num_programs(0) + pid_n
+  k_read = _rows_to_read(k_valid, start_m_ptr, end_m_ptr, tile, SKIP_EMPTY)
+  k = _load_rows(k_ptr, k_offset, k_read, H)
+  v = _load_rows(v_ptr, k_offset, k_read, H)
+  k_idx, k_hash = _token_keys(k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, slot, in_bounds, K_PAD, HASHED)
 
   dk = tl.zeros([BLOCK_N, H], tl.float32)
   dv = tl.zeros([BLOCK_N, H], tl.float32)
@@ -330,7 +341,7 @@ def scfa_bwd_dq(
     SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
+    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): dQ of BLOCK_M sorted query slots.
 
@@ -346,13 +357,14 @@ def scfa_bwd_dq(
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
   in_bounds = slot < LQ
   q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H, WIDE)
-  q = _load_rows(q_ptr, q_offset, q_valid, H)
-  do = _load_rows(do_ptr, q_offset, q_valid, H)
-  delta = tl.sum(do.to(tl.float32) * _load_rows(o_ptr, q_offset, q_valid, H).to(tl.float32), 1)
+  tile = bh * tl.num_programs(0) + pid_m
+  q_read = _rows_to_read(q_valid, start_n_ptr, end_n_ptr, tile, SKIP_EMPTY)  # unread rows: O = 0, delta = 0
+  q = _load_rows(q_ptr, q_offset, q_read, H)
+  do = _load_rows(do_ptr, q_offset, q_read, H)
+  delta = tl.sum(do.to(tl.float32) * _load_rows(o_ptr, q_offset, q_read, H).to(tl.float32), 1)
   tl.store(delta_ptr + bh * LQ + slot, delta, mask=in_bounds)
   lse = tl.load(lse_ptr + bh * LQ + slot, mask=in_bounds, other=float("inf"))
   q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
-  tile = bh * tl.num_programs(0) + pid_m
 
   dq = tl.zeros([BLOCK_M, H], tl.float32)
   for part in tl.static_range(3 - 2 * ONE_LOOP):

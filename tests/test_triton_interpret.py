@@ -128,6 +128,48 @@ def test_offset_width_and_scale_order_switches(hashed):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hashed", [False, True])
+def test_empty_tiles_store_zeros_without_reading_rows(hashed):
+  """skip_empty_tiles: a program whose plan range is empty stores zero rows without reading
+  q, k, v, dO or O. Most tiles are empty here (QK: 85% dropped and a head with nothing
+  kept; hashed: queries in buckets that hold no key). Outputs and gradients equal those of
+  reading the rows, bit for bit, and the reference."""
+  import dataclasses  # noqa: PLC0415
+
+  from scfa_jax import core, sorting, triton_backend  # noqa: PLC0415
+
+  key = jax.random.PRNGKey(21)
+  b, t, n = 2, 150, 2
+  q, k, v = _qkv(key, b, t, t, n, H)
+  rng = np.random.default_rng(9)
+  if hashed:
+    q_masks, k_masks = jnp.asarray(rng.integers(0, 6, (b, t, n))), jnp.asarray(rng.integers(0, 2, (b, t, n)))
+    tokens = sorting.by_bucket(q_masks, k_masks)
+    want = reference.hash_sparse_attention(q, k, v, q_buckets=q_masks, k_buckets=k_masks)
+  else:
+    q_masks, k_masks = (jnp.asarray(rng.random((b, t, n)) < 0.15).at[0, :, 1].set(False) for _ in range(2))
+    tokens = sorting.by_keep_mask(q_masks, k_masks)
+    want = reference.qk_sparse_attention(q, k, v, q_keep=q_masks, k_keep=k_masks)
+  table = triton_backend.kernel_config(IMPL, H, hashed)
+  plan = triton_backend.make_plans(core.AttentionConfig(implementation=IMPL, strict=False, scale=1.0), q, tokens,
+                                   backward=True)  # fmt: skip
+  assert np.mean(np.asarray(plan.fwd.start_n) >= np.asarray(plan.fwd.end_n)) > 0.5  # most tiles are empty
+  cotangent = jax.random.normal(key, q.shape)
+
+  def run(**fields):
+    config = core.AttentionConfig(
+        implementation=IMPL, strict=False, scale=H**-0.5, kernel=dataclasses.replace(table, **fields)
+    )
+    out, vjp = jax.vjp(lambda q, k, v: core.attention(q, k, v, tokens, config), q, k, v)
+    return [np.asarray(x) for x in (out, *vjp(cotangent))]
+
+  assert table.skip_empty_tiles
+  default = run()
+  for got, want_bits in zip(run(skip_empty_tiles=False), default, strict=True):
+    np.testing.assert_array_equal(got, want_bits)
+  np.testing.assert_allclose(default[0], np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_float16_skewed_buckets_and_a_dropped_head():
   key = jax.random.PRNGKey(5)
   b, t, n = 1, 150, 3
