@@ -68,6 +68,31 @@ def _row_offsets(perm_ptr, slot, in_bounds, b, n, ROWS, N: tl.constexpr, H: tl.c
 
 
 @triton.jit
+def _tile_rows(perm_ptr, tile, LENGTH, b, n, ROWS, BLOCK: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
+               WIDE: tl.constexpr):  # fmt: skip
+  """`_row_offsets` of the BLOCK slots of tile `tile` (LENGTH slots in all)."""
+  slot = tile * BLOCK + tl.arange(0, BLOCK)
+  return _row_offsets(perm_ptr, slot, slot < LENGTH, b, n, ROWS, N, H, WIDE)
+
+
+@triton.jit
+def _streamed_rows(offset, valid, perm_ptr, tile, LENGTH, b, n, ROWS, BLOCK: tl.constexpr, N: tl.constexpr,
+                   H: tl.constexpr, WIDE: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+  """(this tile's row offsets and validity, the values to carry to the next step) of a tile
+  loop. With PREFETCH, `offset` and `valid` were loaded one step ahead, and this step loads
+  the next tile's: the rows this step reads then take their addresses from a loop-carried
+  value, so Triton pipelines their copies like plain loads, num_stages - 1 tiles ahead. Read
+  in the same step, the permutation sits in front of every copy, and each step waits for all
+  of its copies before its first product (no copy in flight across the step)."""
+  if PREFETCH:
+    next_offset, next_valid = _tile_rows(perm_ptr, tile + 1, LENGTH, b, n, ROWS, BLOCK, N, H, WIDE)
+  else:
+    offset, valid = _tile_rows(perm_ptr, tile, LENGTH, b, n, ROWS, BLOCK, N, H, WIDE)
+    next_offset, next_valid = offset, valid
+  return offset, valid, next_offset, next_valid
+
+
+@triton.jit
 def _load_rows(ptr, offset, valid, H: tl.constexpr):
   """The [BLOCK, H] rows at `offset` (H contiguous elements each); 0 where not valid."""
   return tl.load(ptr + offset[:, None] + tl.arange(0, H)[None, :], mask=valid[:, None], other=0.0)
@@ -159,11 +184,15 @@ def _fwd_tiles(
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     WIDE: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
+  k_offset, k_valid = _tile_rows(k_perm_ptr, lo, LK, b, n, S, BLOCK_N, N, H, WIDE)
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = slot < LK
-    k_offset, k_valid = _row_offsets(k_perm_ptr, slot, in_bounds, b, n, S, N, H, WIDE)
+    k_offset, k_valid, next_offset, next_valid = _streamed_rows(
+        k_offset, k_valid, k_perm_ptr, j, LK, b, n, S, BLOCK_N, N, H, WIDE, PREFETCH
+    )
     k = _load_rows(k_ptr, k_offset, k_valid, H)
     v = _load_rows(v_ptr, k_offset, k_valid, H)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -185,6 +214,7 @@ def _fwd_tiles(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     m_i = m_new
+    k_offset, k_valid = next_offset, next_valid
   return acc, m_i, l_i
 
 
@@ -196,6 +226,7 @@ def scfa_fwd(
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    PREFETCH: tl.constexpr,
     SCALE_AFTER_MAX: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): O and lse for BLOCK_M sorted query slots."""
@@ -221,7 +252,7 @@ def scfa_fwd(
         acc, m_i, l_i, q, q_idx, q_hash,
         k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
         lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-        SCALE_AFTER_MAX, part != 1, ONE_LOOP,
+        SCALE_AFTER_MAX, part != 1, ONE_LOOP, PREFETCH,
     )  # fmt: skip
 
   has_key = l_i > 0.0
@@ -237,12 +268,15 @@ def _dkdv_tiles(
     q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, b, n, T, LQ, lo, hi, full_lo, full_hi,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
+    WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
+  q_offset, q_valid = _tile_rows(q_perm_ptr, lo, LQ, b, n, T, BLOCK_M, N, H, WIDE)
   for i in range(lo, hi):
     slot = i * BLOCK_M + tl.arange(0, BLOCK_M)
     in_bounds = slot < LQ
-    q_offset, q_valid = _row_offsets(q_perm_ptr, slot, in_bounds, b, n, T, N, H, WIDE)
+    q_offset, q_valid, next_offset, next_valid = _streamed_rows(
+        q_offset, q_valid, q_perm_ptr, i, LQ, b, n, T, BLOCK_M, N, H, WIDE, PREFETCH
+    )
     q = _load_rows(q_ptr, q_offset, q_valid, H)
     do = _load_rows(do_ptr, q_offset, q_valid, H)
     lse = tl.load(lse_ptr + slot, mask=in_bounds, other=float("inf"))
@@ -258,6 +292,7 @@ def _dkdv_tiles(
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    q_offset, q_valid = next_offset, next_valid
   return dk, dv
 
 
@@ -270,6 +305,7 @@ def scfa_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
   """One program per (key tile, batch * head): dK and dV of BLOCK_N sorted key slots.
 
@@ -299,7 +335,7 @@ def scfa_bwd_dkdv(
         q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
         delta_ptr + bh * LQ, b, n, T, LQ,
         lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-        part != 1, ONE_LOOP,
+        part != 1, ONE_LOOP, PREFETCH,
     )  # fmt: skip
 
   offsets = k_offset[:, None] + tl.arange(0, H)[None, :]
@@ -313,12 +349,15 @@ def _dq_tiles(
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
+    WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
+  k_offset, k_valid = _tile_rows(k_perm_ptr, lo, LK, b, n, S, BLOCK_N, N, H, WIDE)
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = slot < LK
-    k_offset, k_valid = _row_offsets(k_perm_ptr, slot, in_bounds, b, n, S, N, H, WIDE)
+    k_offset, k_valid, next_offset, next_valid = _streamed_rows(
+        k_offset, k_valid, k_perm_ptr, j, LK, b, n, S, BLOCK_N, N, H, WIDE, PREFETCH
+    )
     k = _load_rows(k_ptr, k_offset, k_valid, H)
     v = _load_rows(v_ptr, k_offset, k_valid, H)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
@@ -330,6 +369,7 @@ def _dq_tiles(
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    k_offset, k_valid = next_offset, next_valid
   return dq
 
 
@@ -342,6 +382,7 @@ def scfa_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): dQ of BLOCK_M sorted query slots.
 
@@ -373,7 +414,7 @@ def scfa_bwd_dq(
         dq, q, do, lse, delta, q_idx, q_hash,
         k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
         lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-        part != 1, ONE_LOOP,
+        part != 1, ONE_LOOP, PREFETCH,
     )  # fmt: skip
   offsets = q_offset[:, None] + tl.arange(0, H)[None, :]
   tl.store(dq_ptr + offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])

@@ -60,6 +60,10 @@ class KernelConfig:
   # Programs whose plan range is empty store their zero rows without reading q, k, v, dO or O:
   # QK mode's dropped tail, 70% of the rows at drop-70 (results/profile_h200_skip_empty.json).
   skip_empty_tiles: bool = True
+  # Each tile loop reads the next tile's permutation one step ahead, so that Triton pipelines
+  # the gathered rows' copies num_stages - 1 tiles ahead; False: read in the same step, which
+  # leaves no copy in flight across a step (Nsight Compute, results/ncu_h200_16k_hash64_source.json).
+  prefetch_rows: bool = True
 
   @property
   def kernel_tiles(self) -> dict[str, tuple[tuple[int, int], str]]:
@@ -88,15 +92,19 @@ class KernelConfig:
 # take 96 registers against 160 for 64x64 with 3 (5 programs per SM, not 3; Triton 3.9's
 # sm_90 build, experiments/kernel_resources.py): hash-64 forward -20%, hash-16 -9%,
 # hash-2 +6% at H=64 (results/profile_h200_occupancy.json).
+# With prefetch_rows, 3 stages keep copies in flight that the same-step permutation reads needed
+# 5 for (one stage went to the permutation); GPU ms at T=16384, prefetch off (5 backward stages
+# and a 2-stage hash forward) -> on with 3 everywhere: all kept 71.2 -> 67.9, hash-16 7.52 ->
+# 6.86, hash-64 3.98 -> 3.73, drop-70 8.27 -> 7.70 (results/profile_h200_16k_prefetch.json).
 _QK_CONFIG = KernelConfig(
     block_m=128, block_n=64, block_m1=32, block_n1=128, block_m2=64, block_n2=32,
-    num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=5,
+    num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=3,
 )  # fmt: skip
 # Skipping the reads of empty tiles cut QK mode's GPU time (drop-70 -2.4% at T=16384, -6.5% at
 # 4096; drop-90 -11 to -14%; all kept unchanged), but slowed the hash dQ kernel by 13% (hash-64,
 # every length): hash tiles are rarely empty, and its short programs wait on the plan first.
 _HASH_CONFIG = dataclasses.replace(
-    _QK_CONFIG, block_m=64, block_n=32, num_stages=2, block_n1=64, one_loop=True, skip_empty_tiles=False
+    _QK_CONFIG, block_m=64, block_n=32, block_n1=64, one_loop=True, skip_empty_tiles=False
 )
 # Other head dims, timed at T=16384 with N*H = 3072 (results/profile_h200_16k_head_dims.json).
 # H=128 takes 4 warps everywhere, 64-row forward tiles and 64-key dK/dV tiles, and in QK mode
@@ -110,10 +118,12 @@ _GPU_CONFIGS = {
 } | {
     (16, False): dataclasses.replace(_QK_CONFIG, block_m=64),
     (32, False): dataclasses.replace(_QK_CONFIG, block_m=64),
+    # H=128 reads the permutation in the same step, as it was timed: its prefetching buffers
+    # would cost programs per SM (QK dQ 2 -> 1, hash dQ 3 -> 2 in kernel_resources.py), not re-timed.
     (128, False): dataclasses.replace(
-        _QK_CONFIG, block_m=64, num_stages=2, block_n1=64, block_n2=64, bwd_num_stages=3
+        _QK_CONFIG, block_m=64, num_stages=2, block_n1=64, block_n2=64, bwd_num_stages=3, prefetch_rows=False
     ),
-    (128, True): dataclasses.replace(_HASH_CONFIG, num_stages=1, bwd_num_stages=3),
+    (128, True): dataclasses.replace(_HASH_CONFIG, num_stages=1, bwd_num_stages=3, prefetch_rows=False),
 }
 # The interpreter runs every program in numpy: small tiles keep tests fast and still
 # give several tiles per head at test lengths; the loop structure follows the GPU's.
@@ -293,6 +303,7 @@ def _call(config, q, k, tokens: SortedTokens) -> _Call:
   meta["ALIGNED"] = all(x % 16 == 0 for x in lengths)
   meta["WIDE"] = not tiles.narrow_offsets or max(q.size, k.size) >= 2**31  # element offsets need 64 bits
   meta["SKIP_EMPTY"] = tiles.skip_empty_tiles
+  meta["PREFETCH"] = tiles.prefetch_rows
   indices = (tokens.q_perm, tokens.k_perm, tokens.q_idx, tokens.k_idx, *hashes)
   return _Call(tiles, b * n, indices, lengths, meta)
 

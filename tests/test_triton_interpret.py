@@ -106,10 +106,11 @@ def _with_table_fields(q, k, v, tokens, cotangent, table, **fields):
 
 
 @pytest.mark.parametrize("hashed", [False, True])
-def test_offset_width_and_scale_order_switches(hashed):
-  """KernelConfig's narrow_offsets (32-bit row offsets) changes only how rows are addressed:
-  outputs and gradients equal the 64-bit offsets' bit for bit. scale_after_max changes where
-  the forward scales the scores: equal to float32 rounding."""
+def test_row_addressing_and_scale_order_switches(hashed):
+  """KernelConfig's narrow_offsets (32-bit row offsets) and prefetch_rows (each tile loop
+  reads the next tile's permutation a step ahead) change only how rows are addressed:
+  outputs and gradients equal the 64-bit offsets' and the same-step reads' bit for bit.
+  scale_after_max changes where the forward scales the scores: equal to float32 rounding."""
   from scfa_jax import sorting, triton_backend  # noqa: PLC0415
 
   key = jax.random.PRNGKey(12)
@@ -124,10 +125,11 @@ def test_offset_width_and_scale_order_switches(hashed):
   cotangent = jax.random.normal(key, q.shape)
 
   run = functools.partial(_with_table_fields, q, k, v, tokens, cotangent, table)
-  assert table.narrow_offsets and table.scale_after_max
+  assert table.narrow_offsets and table.scale_after_max and table.prefetch_rows
   default = run()
-  for got, want in zip(run(narrow_offsets=False), default, strict=True):
-    np.testing.assert_array_equal(got, want)
+  for switch in ("narrow_offsets", "prefetch_rows"):
+    for got, want in zip(run(**{switch: False}), default, strict=True):
+      np.testing.assert_array_equal(got, want)
   for got, want in zip(run(scale_after_max=False), default, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
