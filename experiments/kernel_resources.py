@@ -69,11 +69,15 @@ def resources(kernel, constexprs: dict, num_warps: int, num_stages: int, maxnreg
     usage = subprocess.run(
         [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
     )
+    sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
   registers = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
   stack = int(re.search(r"STACK:(\d+)", usage.stdout).group(1))  # bytes per thread: spills
   shared = compiled.metadata.shared
   programs = programs_per_sm(registers, shared, num_warps)
-  return dict(registers=registers, stack=stack, shared=shared, programs_per_sm=programs)
+  # The most async copy groups a wait leaves pending: 0 means every step waits for all of its
+  # row copies before its first product (no copy in flight across a step; KERNEL_NOTES, session 12).
+  pending = max((int(n, 16) for n in re.findall(r"DEPBAR\.LE SB0, 0x([0-9a-f]+)", sass)), default=0)
+  return dict(registers=registers, stack=stack, shared=shared, programs_per_sm=programs, copies_pending=pending)
 
 
 def kernel_rows(spec: str, head_dim: int, hashed: bool, maxnreg: dict | None = None) -> list[dict]:
@@ -117,7 +121,7 @@ def main() -> None:
       parser.error(f"--maxnreg: {item!r} is not kernel:registers with kernel in fwd, dq, dkdv")
     maxnreg[name] = int(cap)
   header = f"{'variant':40s} {'H':>3s} {'mode':4s} {'kernel':6s} {'tile':7s}"
-  print(header, "warps stages registers stack shared programs/SM")
+  print(header, "warps stages registers stack shared programs/SM copies pending")
   for spec in args.variants.split(","):
     for head_dim in (int(h) for h in args.head_dims.split(",")):
       for hashed in (False, True):
@@ -126,7 +130,7 @@ def main() -> None:
           print(
               f"{spec:40s} {head_dim:3d} {mode:4s} {r['kernel']:6s} {r['tile']:7s} {r['warps']:5d} "
               f"{r['stages']:6d} {r['registers']:9d} {r['stack']:5d} {r['shared']:6d} "
-              f"{r['programs_per_sm']:11d}",
+              f"{r['programs_per_sm']:11d} {r['copies_pending']:14d}",
               flush=True,
           )
 
