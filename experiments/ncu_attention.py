@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
 from experiments.bench_attention import CASES, make_case  # noqa: E402
-from scfa_jax import core, sorting, triton_backend  # noqa: E402
+from experiments.profile_attention import _sort as sort_tokens  # noqa: E402
+from scfa_jax import core, triton_backend  # noqa: E402
 
 
 def _to_torch(x, cache: dict):
@@ -92,8 +93,7 @@ def scfa_case(name: str, q, k, v, do) -> None:
   """Forward and backward of one benchmark case (the benchmark's masks and buckets)."""
   b, t, n, h = q.shape
   _, q_masks, k_masks, _ = make_case(name, b, t, n, seed=t)
-  by = sorting.by_bucket if CASES[name][0] == "hash" else sorting.by_keep_mask
-  tokens = by(q_masks, k_masks)
+  tokens = sort_tokens(CASES[name][0], q_masks, k_masks)
   config = core.AttentionConfig(implementation="triton", strict=False, scale=h**-0.5)
   o, residuals = triton_backend.forward(config, q, k, v, tokens, differentiating=True)
   dq, dk, dv = triton_backend.backward(config, q, k, v, tokens, o, residuals, do)

@@ -12,7 +12,8 @@ for keys. Lengths are runtime scalars, so one compiled kernel serves every lengt
 Each program walks the contiguous tile range `[start, end)` that the tile plan gives
 it; only tiles outside the plan's full sub-range `[full_start, full_end)` pay for mask
 arithmetic. Either the range runs as three loops (masked, full, masked) or, with
-ONE_LOOP, as one software-pipelined loop that branches on the tile index. The log-sum-exp is kept
+ONE_LOOP, as one software-pipelined loop that branches on the tile index; with PREFETCH each loop
+reads the next tile's permutation a step ahead, so the rows' copies stay in flight across steps. The log-sum-exp is kept
 in base 2 of the scaled logits; a row with no allowed key stores +inf, which turns
 every probability of the backward into exactly 0.
 """

@@ -92,10 +92,12 @@ class KernelConfig:
 # take 96 registers against 160 for 64x64 with 3 (5 programs per SM, not 3; Triton 3.9's
 # sm_90 build, experiments/kernel_resources.py): hash-64 forward -20%, hash-16 -9%,
 # hash-2 +6% at H=64 (results/profile_h200_occupancy.json).
-# With prefetch_rows, 3 stages keep copies in flight that the same-step permutation reads needed
-# 5 for (one stage went to the permutation); GPU ms at T=16384, prefetch off (5 backward stages
-# and a 2-stage hash forward) -> on with 3 everywhere: all kept 71.2 -> 67.9, hash-16 7.52 ->
-# 6.86, hash-64 3.98 -> 3.73, drop-70 8.27 -> 7.70 (results/profile_h200_16k_prefetch.json).
+# With prefetch_rows every kernel runs 3 stages: the row copies stay in flight across a step, and
+# 5 backward stages would cost the hash dK/dV and the QK dQ a program per SM; the hash forward
+# takes 3 too (94 registers, still 5 programs per SM), where 2 left no copy in flight. GPU ms at
+# T=16384, prefetch off (5 backward stages, 2-stage hash forward) -> on with 3 everywhere: all
+# kept 71.2 -> 67.9, hash-16 7.52 -> 6.86, hash-64 3.98 -> 3.73, drop-70 8.27 -> 7.70
+# (results/profile_h200_16k_prefetch.json).
 _QK_CONFIG = KernelConfig(
     block_m=128, block_n=64, block_m1=32, block_n1=128, block_m2=64, block_n2=32,
     num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=3,
