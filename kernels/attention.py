@@ -227,7 +227,7 @@ def scfa_fwd(
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr,
     SCALE_AFTER_MAX: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): O and lse for BLOCK_M sorted query slots."""
@@ -249,12 +249,13 @@ def scfa_fwd(
   acc = tl.zeros([BLOCK_M, H], tl.float32)
   for part in tl.static_range(3 - 2 * ONE_LOOP):
     lo, hi, full_lo, full_hi = _parts(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part, ONE_LOOP)
-    acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, q, q_idx, q_hash,
-        k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-        SCALE_AFTER_MAX, part != 1, ONE_LOOP, PREFETCH,
-    )  # fmt: skip
+    if (lo < hi) | (not SKIP_EMPTY_LOOPS):  # an empty part: no permutation read, no pipeline fill
+      acc, m_i, l_i = _fwd_tiles(
+          acc, m_i, l_i, q, q_idx, q_hash,
+          k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
+          lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
+          SCALE_AFTER_MAX, part != 1, ONE_LOOP, PREFETCH,
+      )  # fmt: skip
 
   has_key = l_i > 0.0
   o = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -306,7 +307,7 @@ def scfa_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr,
 ):  # fmt: skip
   """One program per (key tile, batch * head): dK and dV of BLOCK_N sorted key slots.
 
@@ -331,13 +332,14 @@ def scfa_bwd_dkdv(
   dv = tl.zeros([BLOCK_N, H], tl.float32)
   for part in tl.static_range(3 - 2 * ONE_LOOP):
     lo, hi, full_lo, full_hi = _parts(start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, tile, part, ONE_LOOP)
-    dk, dv = _dkdv_tiles(
-        dk, dv, k, v, k_idx, k_hash,
-        q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
-        delta_ptr + bh * LQ, b, n, T, LQ,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-        part != 1, ONE_LOOP, PREFETCH,
-    )  # fmt: skip
+    if (lo < hi) | (not SKIP_EMPTY_LOOPS):  # an empty part: no permutation read, no pipeline fill
+      dk, dv = _dkdv_tiles(
+          dk, dv, k, v, k_idx, k_hash,
+          q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
+          delta_ptr + bh * LQ, b, n, T, LQ,
+          lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
+          part != 1, ONE_LOOP, PREFETCH,
+      )  # fmt: skip
 
   offsets = k_offset[:, None] + tl.arange(0, H)[None, :]
   tl.store(dk_ptr + offsets, (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=k_valid[:, None])
@@ -383,7 +385,7 @@ def scfa_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): dQ of BLOCK_M sorted query slots.
 
@@ -411,11 +413,12 @@ def scfa_bwd_dq(
   dq = tl.zeros([BLOCK_M, H], tl.float32)
   for part in tl.static_range(3 - 2 * ONE_LOOP):
     lo, hi, full_lo, full_hi = _parts(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part, ONE_LOOP)
-    dq = _dq_tiles(
-        dq, q, do, lse, delta, q_idx, q_hash,
-        k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
-        lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-        part != 1, ONE_LOOP, PREFETCH,
-    )  # fmt: skip
+    if (lo < hi) | (not SKIP_EMPTY_LOOPS):  # an empty part: no permutation read, no pipeline fill
+      dq = _dq_tiles(
+          dq, q, do, lse, delta, q_idx, q_hash,
+          k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
+          lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
+          part != 1, ONE_LOOP, PREFETCH,
+      )  # fmt: skip
   offsets = q_offset[:, None] + tl.arange(0, H)[None, :]
   tl.store(dq_ptr + offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])

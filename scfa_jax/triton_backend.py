@@ -64,6 +64,10 @@ class KernelConfig:
   # the gathered rows' copies num_stages - 1 tiles ahead; False: read in the same step, which
   # leaves no copy in flight across a step (Nsight Compute, results/ncu_h200_16k_hash64_source.json).
   prefetch_rows: bool = True
+  # A loop whose tile range is empty (in QK mode one of the three parts of most ranges, and
+  # all three in a dropped tile) is skipped whole: entered, it reads its first permutation and
+  # waits for its pipeline's prologue, two memory latencies before the program goes on.
+  skip_empty_loops: bool = True
 
   @property
   def kernel_tiles(self) -> dict[str, tuple[tuple[int, int], str]]:
@@ -306,6 +310,7 @@ def _call(config, q, k, tokens: SortedTokens) -> _Call:
   meta["WIDE"] = not tiles.narrow_offsets or max(q.size, k.size) >= 2**31  # element offsets need 64 bits
   meta["SKIP_EMPTY"] = tiles.skip_empty_tiles
   meta["PREFETCH"] = tiles.prefetch_rows
+  meta["SKIP_EMPTY_LOOPS"] = tiles.skip_empty_loops
   indices = (tokens.q_perm, tokens.k_perm, tokens.q_idx, tokens.k_idx, *hashes)
   return _Call(tiles, b * n, indices, lengths, meta)
 

@@ -137,9 +137,10 @@ def test_row_addressing_and_scale_order_switches(hashed):
 @pytest.mark.parametrize("hashed", [False, True])
 def test_empty_tiles_store_zeros_without_reading_rows(hashed):
   """skip_empty_tiles: a program whose plan range is empty stores zero rows without reading
-  q, k, v, dO or O. Most tiles are empty here (QK: 85% dropped and a head with nothing
-  kept; hashed: queries in buckets that hold no key). Outputs and gradients equal those of
-  reading the rows, bit for bit, and the reference."""
+  q, k, v, dO or O; skip_empty_loops: no tile loop is entered over an empty range. Most
+  tiles are empty here (QK: 85% dropped and a head with nothing kept; hashed: queries in
+  buckets that hold no key). Outputs and gradients equal those of reading the rows and
+  entering every loop, bit for bit, and the reference."""
   from scfa_jax import core, sorting, triton_backend  # noqa: PLC0415
 
   key = jax.random.PRNGKey(21)
@@ -161,10 +162,11 @@ def test_empty_tiles_store_zeros_without_reading_rows(hashed):
   cotangent = jax.random.normal(key, q.shape)
 
   run = functools.partial(_with_table_fields, q, k, v, tokens, cotangent, table)
-  assert table.skip_empty_tiles
+  assert table.skip_empty_loops and table.skip_empty_tiles
   default = run()
-  for got, want_bits in zip(run(skip_empty_tiles=False), default, strict=True):
-    np.testing.assert_array_equal(got, want_bits)
+  for switch in ("skip_empty_tiles", "skip_empty_loops"):
+    for got, want_bits in zip(run(**{switch: False}), default, strict=True):
+      np.testing.assert_array_equal(got, want_bits)
   want, vjp = jax.vjp(oracle, q, k, v)
   for i, (got, want) in enumerate(zip(default, (want, *vjp(cotangent)), strict=True)):
     _close(got, want, jnp.float32, factor=1.0 if i == 0 else 2.0)
