@@ -179,6 +179,16 @@ def _parts(start_ptr, end_ptr, full_start_ptr, full_end_ptr, tile, PART: tl.cons
 
 
 @triton.jit
+def _enters(lo, hi, SKIP_EMPTY_LOOPS: tl.constexpr):
+  """Whether a program runs the tile loop over [lo, hi): with SKIP_EMPTY_LOOPS not when it is
+  empty. Entered, an empty loop still reads its first tile's permutation and waits for its
+  pipeline's prologue: two memory latencies, paid by most QK programs (one of their three
+  parts is empty) and three times by each dropped tile's program. Without the switch the
+  condition folds to true at compile time: the loops stand as they were."""
+  return (lo < hi) | (not SKIP_EMPTY_LOOPS)
+
+
+@triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, q, q_idx, q_hash,
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
@@ -249,7 +259,7 @@ def scfa_fwd(
   acc = tl.zeros([BLOCK_M, H], tl.float32)
   for part in tl.static_range(3 - 2 * ONE_LOOP):
     lo, hi, full_lo, full_hi = _parts(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part, ONE_LOOP)
-    if (lo < hi) | (not SKIP_EMPTY_LOOPS):  # an empty part: no permutation read, no pipeline fill
+    if _enters(lo, hi, SKIP_EMPTY_LOOPS):
       acc, m_i, l_i = _fwd_tiles(
           acc, m_i, l_i, q, q_idx, q_hash,
           k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
@@ -332,7 +342,7 @@ def scfa_bwd_dkdv(
   dv = tl.zeros([BLOCK_N, H], tl.float32)
   for part in tl.static_range(3 - 2 * ONE_LOOP):
     lo, hi, full_lo, full_hi = _parts(start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, tile, part, ONE_LOOP)
-    if (lo < hi) | (not SKIP_EMPTY_LOOPS):  # an empty part: no permutation read, no pipeline fill
+    if _enters(lo, hi, SKIP_EMPTY_LOOPS):
       dk, dv = _dkdv_tiles(
           dk, dv, k, v, k_idx, k_hash,
           q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
@@ -413,7 +423,7 @@ def scfa_bwd_dq(
   dq = tl.zeros([BLOCK_M, H], tl.float32)
   for part in tl.static_range(3 - 2 * ONE_LOOP):
     lo, hi, full_lo, full_hi = _parts(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part, ONE_LOOP)
-    if (lo < hi) | (not SKIP_EMPTY_LOOPS):  # an empty part: no permutation read, no pipeline fill
+    if _enters(lo, hi, SKIP_EMPTY_LOOPS):
       dq = _dq_tiles(
           dq, q, do, lse, delta, q_idx, q_hash,
           k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
