@@ -90,7 +90,7 @@ def kernel_rows(spec: str, head_dim: int, hashed: bool, maxnreg: dict | None = N
       N=48, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False,
       PRECISION="tf32", ONE_LOOP=tiles.one_loop, ALIGNED=True, WIDE=not tiles.narrow_offsets,
       SKIP_EMPTY=tiles.skip_empty_tiles, PREFETCH=tiles.prefetch_rows,
-      SKIP_EMPTY_LOOPS=tiles.skip_empty_loops, GROUP_HEADS=tiles.group_heads,
+      SKIP_EMPTY_LOOPS=tiles.skip_empty_loops,
   )  # fmt: skip
   fwd_launch = (tiles.num_warps, tiles.num_stages, dict(SCALE_AFTER_MAX=tiles.scale_after_max))
   bwd_launch = (tiles.bwd_num_warps, tiles.bwd_num_stages, dict(SM_SCALE=0.125))

@@ -189,30 +189,6 @@ def _enters(lo, hi, SKIP_EMPTY_LOOPS: tl.constexpr):
 
 
 @triton.jit
-def _tile_and_head(HEAVY_LAST: tl.constexpr, GROUP_HEADS: tl.constexpr):
-  """(tile, batch * head) of this program.
-
-  The GPU starts programs in launch order (axis 0 fastest), so in grid order the last wave
-  holds the last head's heaviest tile, which runs on while the rest of the GPU idles. With
-  GROUP_HEADS, programs launch GROUP_HEADS heads at a time, heaviest tile first across the
-  group (the last tiles if HEAVY_LAST, as causal query tiles; else the first, as key tiles),
-  so that each group ends on light tiles. A few heads at a time keep their rows in L2."""
-  tile = tl.program_id(0)
-  bh = tl.program_id(1)
-  if GROUP_HEADS > 0:
-    num_tiles = tl.num_programs(0)
-    launched = bh * num_tiles + tile
-    first = launched // (GROUP_HEADS * num_tiles) * GROUP_HEADS
-    heads = tl.minimum(tl.num_programs(1) - first, GROUP_HEADS)
-    within = launched - first * num_tiles
-    bh = first + within % heads
-    tile = within // heads
-    if HEAVY_LAST:
-      tile = num_tiles - 1 - tile
-  return tile, bh
-
-
-@triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, q, q_idx, q_hash,
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
@@ -261,13 +237,14 @@ def scfa_fwd(
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr, GROUP_HEADS: tl.constexpr,
+    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr,
     SCALE_AFTER_MAX: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): O and lse for BLOCK_M sorted query slots."""
   LQ = _multiple_of_16(LQ, ALIGNED)
   LK = _multiple_of_16(LK, ALIGNED)
-  pid_m, bh = _tile_and_head(True, GROUP_HEADS)
+  pid_m = tl.program_id(0)
+  bh = tl.program_id(1)
   b = bh // N
   n = bh % N
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -340,7 +317,7 @@ def scfa_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr, GROUP_HEADS: tl.constexpr,
+    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr,
 ):  # fmt: skip
   """One program per (key tile, batch * head): dK and dV of BLOCK_N sorted key slots.
 
@@ -348,7 +325,8 @@ def scfa_bwd_dkdv(
   """
   LQ = _multiple_of_16(LQ, ALIGNED)
   LK = _multiple_of_16(LK, ALIGNED)
-  pid_n, bh = _tile_and_head(False, GROUP_HEADS)
+  pid_n = tl.program_id(0)
+  bh = tl.program_id(1)
   b = bh // N
   n = bh % N
   slot = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -417,7 +395,7 @@ def scfa_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr, GROUP_HEADS: tl.constexpr,
+    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): dQ of BLOCK_M sorted query slots.
 
@@ -426,7 +404,8 @@ def scfa_bwd_dq(
   """
   LQ = _multiple_of_16(LQ, ALIGNED)
   LK = _multiple_of_16(LK, ALIGNED)
-  pid_m, bh = _tile_and_head(True, GROUP_HEADS)
+  pid_m = tl.program_id(0)
+  bh = tl.program_id(1)
   b = bh // N
   n = bh % N
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -67,11 +67,6 @@ class KernelConfig:
   # Tile loops over empty ranges are not entered (kernels/attention.py, `_enters`); False:
   # entered, to compare (results/profile_h200_skip_empty_loops.json: drop-70 -4.7 to -7.6%).
   skip_empty_loops: bool = True
-  # Programs launch this many heads at a time, heaviest tile first across them (kernels/attention.py,
-  # `_tile_and_head`), so that the last wave holds light tiles; 0: grid order (tile fastest, then
-  # head), whose last wave holds the last head's heaviest tile. For causal ranges (QK mode); hash
-  # ranges do not grow with the tile index.
-  group_heads: int = 0
 
   @property
   def kernel_tiles(self) -> dict[str, tuple[tuple[int, int], str]]:
@@ -315,7 +310,6 @@ def _call(config, q, k, tokens: SortedTokens) -> _Call:
   meta["SKIP_EMPTY"] = tiles.skip_empty_tiles
   meta["PREFETCH"] = tiles.prefetch_rows
   meta["SKIP_EMPTY_LOOPS"] = tiles.skip_empty_loops
-  meta["GROUP_HEADS"] = tiles.group_heads
   indices = (tokens.q_perm, tokens.k_perm, tokens.q_idx, tokens.k_idx, *hashes)
   return _Call(tiles, b * n, indices, lengths, meta)
 

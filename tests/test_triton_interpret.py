@@ -135,29 +135,6 @@ def test_row_addressing_and_scale_order_switches(hashed):
 
 
 @pytest.mark.parametrize("hashed", [False, True])
-def test_launch_order_changes_nothing(hashed):
-  """group_heads only changes which program runs which (tile, head): outputs and gradients
-  equal grid order's bit for bit, with a short last group (6 heads in groups of 4, and in
-  groups of 8: one short group) and, in QK mode, empty tail tiles."""
-  from scfa_jax import sorting, triton_backend  # noqa: PLC0415
-
-  key = jax.random.PRNGKey(5)
-  b, t, n = 2, 83, 3
-  q, k, v = _qkv(key, b, t, t, n, H)
-  rng = np.random.default_rng(6)
-  if hashed:
-    tokens = sorting.by_bucket(jnp.asarray(rng.integers(0, 3, (b, t, n))), jnp.asarray(rng.integers(0, 3, (b, t, n))))
-  else:
-    tokens = sorting.by_keep_mask(jnp.asarray(rng.random((b, t, n)) < 0.6), jnp.asarray(rng.random((b, t, n)) < 0.6))
-  table = triton_backend.kernel_config(IMPL, H, hashed)
-  run = functools.partial(_with_table_fields, q, k, v, tokens, jax.random.normal(key, q.shape), table)
-  grid_order = run(group_heads=0)
-  for group_heads in (4, 8):
-    for got, want in zip(run(group_heads=group_heads), grid_order, strict=True):
-      np.testing.assert_array_equal(got, want)
-
-
-@pytest.mark.parametrize("hashed", [False, True])
 def test_empty_tiles_store_zeros_without_reading_rows(hashed):
   """skip_empty_tiles: a program whose plan range is empty stores zero rows without reading
   q, k, v, dO or O; skip_empty_loops: no tile loop is entered over an empty range. Most
