@@ -87,10 +87,8 @@ def kernel_rows(spec: str, head_dim: int, hashed: bool, maxnreg: dict | None = N
   tiles = variant(spec)(head_dim, hashed)
   base = dict(
       QK_SCALE=0.18,  # about 0.125 * log2(e); its value does not change the resources
-      N=48, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False,
-      PRECISION="tf32", ONE_LOOP=tiles.one_loop, ALIGNED=True, WIDE=not tiles.narrow_offsets,
-      SKIP_EMPTY=tiles.skip_empty_tiles, PREFETCH=tiles.prefetch_rows,
-      SKIP_EMPTY_LOOPS=tiles.skip_empty_loops,
+      N=48, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False, PRECISION="tf32", ALIGNED=True,
+      **tiles.switches(wide_arrays=False),
   )  # fmt: skip
   fwd_launch = (tiles.num_warps, tiles.num_stages, dict(SCALE_AFTER_MAX=tiles.scale_after_max))
   bwd_launch = (tiles.bwd_num_warps, tiles.bwd_num_stages, dict(SM_SCALE=0.125))

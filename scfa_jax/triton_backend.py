@@ -78,6 +78,15 @@ class KernelConfig:
         "dq": ((self.block_m2, self.block_n2), "q"),
     }
 
+  def switches(self, *, wide_arrays: bool) -> dict[str, bool]:
+    """The constexprs that this config's switches set in every attention kernel (one place,
+    for the launchers and for experiments/kernel_resources.py's builds). `wide_arrays`: some
+    array has 2**31 elements or more, so element offsets need 64 bits whatever the config."""
+    return dict(
+        ONE_LOOP=self.one_loop, WIDE=wide_arrays or not self.narrow_offsets, SKIP_EMPTY=self.skip_empty_tiles,
+        PREFETCH=self.prefetch_rows, SKIP_EMPTY_LOOPS=self.skip_empty_loops,
+    )  # fmt: skip
+
   @property
   def align(self) -> int:
     """The tile size every kernel's tiles divide: where bucket runs start after align_runs."""
@@ -306,10 +315,7 @@ def _call(config, q, k, tokens: SortedTokens) -> _Call:
   lengths = (t, k.shape[1], tokens.q_perm.shape[-1], tokens.k_perm.shape[-1])  # rows, then slots
   tiles = _tiles(config, h, tokens)
   meta["ALIGNED"] = all(x % 16 == 0 for x in lengths)
-  meta["WIDE"] = not tiles.narrow_offsets or max(q.size, k.size) >= 2**31  # element offsets need 64 bits
-  meta["SKIP_EMPTY"] = tiles.skip_empty_tiles
-  meta["PREFETCH"] = tiles.prefetch_rows
-  meta["SKIP_EMPTY_LOOPS"] = tiles.skip_empty_loops
+  meta |= tiles.switches(wide_arrays=max(q.size, k.size) >= 2**31)
   indices = (tokens.q_perm, tokens.k_perm, tokens.q_idx, tokens.k_idx, *hashes)
   return _Call(tiles, b * n, indices, lengths, meta)
 
@@ -392,7 +398,7 @@ def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
       inputs=(q, k, v, *c.indices, plan.start_n, plan.end_n, plan.full_start_n, plan.full_end_n, *c.lengths),
       out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
       num_warps=c.tiles.num_warps, num_stages=c.tiles.num_stages,
-      BLOCK_M=c.tiles.block_m, BLOCK_N=c.tiles.block_n, ONE_LOOP=c.tiles.one_loop,
+      BLOCK_M=c.tiles.block_m, BLOCK_N=c.tiles.block_n,
       SCALE_AFTER_MAX=c.tiles.scale_after_max and config.scale > 0, **c.meta,
   )  # fmt: skip
 
@@ -402,7 +408,7 @@ def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, 
       config.implementation, kernel, name=name, grid=grid,
       inputs=(*operands[:4], *c.indices, *operands[4:], *plan_ranges, *c.lengths), out_shapes=out_shapes,
       num_warps=c.tiles.bwd_num_warps, num_stages=c.tiles.bwd_num_stages,
-      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_LOOP=c.tiles.one_loop, **c.meta,
+      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, **c.meta,
   )  # fmt: skip
 
 
