@@ -21,3 +21,23 @@ from experiments.kernel_resources import programs_per_sm
 )
 def test_programs_per_sm(registers, shared, warps, expected):
   assert programs_per_sm(registers, shared, warps) == expected
+
+
+def test_each_switch_sets_its_own_constexpr():
+  """KernelConfig.switches, which the launchers and kernel_resources.py's builds share:
+  flipping one field flips exactly its constexpr, and wide arrays force 64-bit offsets."""
+  import dataclasses  # noqa: PLC0415
+
+  from scfa_jax import triton_backend  # noqa: PLC0415
+
+  table = triton_backend.kernel_config("triton", 64, False)
+  base = table.switches(wide_arrays=False)
+  fields = {
+      "one_loop": "ONE_LOOP", "narrow_offsets": "WIDE", "skip_empty_tiles": "SKIP_EMPTY",
+      "prefetch_rows": "PREFETCH", "skip_empty_loops": "SKIP_EMPTY_LOOPS",
+  }  # fmt: skip
+  assert set(base) == set(fields.values())
+  for field, constexpr in fields.items():
+    flipped = dataclasses.replace(table, **{field: not getattr(table, field)}).switches(wide_arrays=False)
+    assert {name for name in base if flipped[name] != base[name]} == {constexpr}, field
+  assert not base["WIDE"] and table.switches(wide_arrays=True)["WIDE"]
