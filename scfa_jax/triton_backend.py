@@ -54,7 +54,7 @@ class KernelConfig:
   # The forward's row max taken before scaling (one multiply per row, not per score; positive
   # scales only), and 32-bit offsets for gathered rows when no array reaches 2**31 elements
   # (fewer integer instructions per tile, and registers: hash dQ 126 -> 102). False: as before,
-  # to compare (results/profile_h200_session10_probes.json: -3% of all-kept GPU time).
+  # to compare (results/profile_h200_instruction_cuts.json: -3% of all-kept GPU time).
   scale_after_max: bool = True
   narrow_offsets: bool = True
   # Programs whose plan range is empty store their zero rows without reading q, k, v, dO or O:
@@ -93,7 +93,7 @@ class KernelConfig:
     return max(self.block_m, self.block_n, self.block_m1, self.block_n1, self.block_m2, self.block_n2)
 
 
-# H100 / H200 (sm_90), measured in experiments/results/profile_h200_16k_*.json. Two shapes
+# H100 / H200 (sm_90); why these tiles: docs/design.md, "The tile table". Two shapes
 # of work: QK-sparse (and dense) ranges are long causal runs, best with 128-row forward
 # tiles and three loops whose mask-free middle has no branch (Triton's tutorial backward
 # tiles: dK/dV streams 32 queries past 128 keys; dQ 32 keys past 64 queries, which beat
