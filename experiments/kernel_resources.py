@@ -9,6 +9,7 @@ whose register counts can differ from another version's by a few.
   python experiments/kernel_resources.py                      # the table's entries
   python experiments/kernel_resources.py --variants=hash_table+block_n=64+num_stages=3
   python experiments/kernel_resources.py --maxnreg=dkdv:128,dq:96   # Triton's register cap
+  python experiments/kernel_resources.py --occupancy=96:24576:4      # the sm_90 rule alone
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def resources(kernel, constexprs: dict, num_warps: int, num_stages: int, maxnreg
   shared = compiled.metadata.shared
   programs = programs_per_sm(registers, shared, num_warps)
   # The most async copy groups a wait leaves pending: 0 means every step waits for all of its
-  # row copies before its first product (no copy in flight across a step; KERNEL_NOTES, session 12).
+  # row copies before its first product (no copy in flight across a step; docs/design.md, "Row prefetch").
   pending = max((int(n, 16) for n in re.findall(r"DEPBAR\.LE SB0, 0x([0-9a-f]+)", sass)), default=0)
   return dict(registers=registers, stack=stack, shared=shared, programs_per_sm=programs, copies_pending=pending)
 
@@ -112,7 +113,20 @@ def main() -> None:
   parser.add_argument("--variants", default="table", help=f"bases {list(BASES)} with +field=value overrides")
   parser.add_argument("--head_dims", default="64,128")
   parser.add_argument("--maxnreg", default="", help="register caps, e.g. dkdv:128,dq:96 (fwd, dq, dkdv)")
+  parser.add_argument(
+      "--occupancy", default="",
+      help="only print programs per SM for registers:shared_bytes:warps triples, e.g. 96:24576:4,160:41216:4",
+  )  # fmt: skip
   args = parser.parse_args()
+  if args.occupancy:
+    triples = [item.split(":") for item in args.occupancy.split(",")]
+    for fields in triples:
+      if len(fields) != 3 or not all(f.isdigit() for f in fields) or int(fields[2]) == 0:
+        parser.error(f"--occupancy: {':'.join(fields)!r} is not registers:shared_bytes:warps")
+    print("registers shared warps programs/SM")
+    for registers, shared, warps in (map(int, fields) for fields in triples):
+      print(registers, shared, warps, programs_per_sm(registers, shared, warps))
+    return
   maxnreg = {}
   for item in filter(None, args.maxnreg.split(",")):
     name, _, cap = item.partition(":")

@@ -1,7 +1,7 @@
 """Runs one case's SCFA kernels (forward, dQ, dK/dV) once each, for Nsight Compute, next to
 PyTorch's cuDNN and FlashAttention-2 kernels on the same dense causal problem.
 
-`ncu` segfaulted when attached to a JAX process on the GPU machine (session 3), so the
+`ncu` segfaults when attached to a JAX process that uses the GPU (jax 0.11.2), so the
 kernels here are launched by Triton's own launcher on torch CUDA tensors. JAX runs on the
 CPU: it sorts the tokens and calls the Triton backend's `forward` and `backward`, whose
 every launch (plan kernels included) this script routes to the GPU through torch. Same

@@ -8,6 +8,10 @@ visited tiles hold is its cost per pair; with the pair efficiency, that separate
 pairs from slow tiles. No GPU needed.
 
   python experiments/plan_efficiency.py --seq_len=16384 --cases=hash16,hash64,drop70
+  python experiments/plan_efficiency.py --seq_len=77 --cases=hash4,drop40 --check   # small T only
+
+--check also counts the allowed pairs from a dense [T, S] mask per head and exits with an
+error if the two counts differ.
 """
 
 from __future__ import annotations
@@ -43,11 +47,29 @@ def allowed_pairs(tokens: sorting.SortedTokens) -> int:
   return total
 
 
-def case_tokens(name: str, b: int, t: int, n: int, seed: int) -> sorting.SortedTokens:
-  """The sorted tokens of the benchmark's case `name` (its buckets or keep masks)."""
+def case_masks(name: str, b: int, t: int, n: int, seed: int):
+  """The benchmark's buckets or keep masks of case `name`: (q_masks, k_masks), [B, T, N] each."""
   _, q_masks, k_masks, _ = make_case(name, b, t, n, seed)
+  return q_masks, k_masks
+
+
+def case_tokens(name: str, q_masks, k_masks) -> sorting.SortedTokens:
+  """The sorted tokens of case `name` for its masks."""
   sort = sorting.by_bucket if CASES[name][0] == "hash" else sorting.by_keep_mask
   return sort(q_masks, k_masks)
+
+
+def dense_allowed_pairs(name: str, q_masks, k_masks) -> int:
+  """The allowed pairs counted from a dense [T, S] mask per (batch, head): the check of
+  `allowed_pairs`, for small lengths."""
+  q_masks, k_masks = np.asarray(q_masks), np.asarray(k_masks)
+  causal = np.tril(np.ones((q_masks.shape[1], k_masks.shape[1]), bool))
+  total = 0
+  for b, n in np.ndindex(q_masks.shape[0], q_masks.shape[2]):
+    qm, km = q_masks[b, :, n][:, None], k_masks[b, :, n][None, :]
+    allowed = (qm == km) if CASES[name][0] == "hash" else (qm & km)
+    total += int((allowed & causal).sum())
+  return total
 
 
 def kernel_rows(name: str, tokens: sorting.SortedTokens, head_dim: int) -> list[dict]:
@@ -74,12 +96,19 @@ def main() -> None:
   parser.add_argument("--cases", default="all,hash2,hash16,hash64,drop30,drop70")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="")
+  parser.add_argument("--check", action="store_true", help="check the pair count against a dense mask")
   args = parser.parse_args()
   rows = []
   for name in args.cases.split(","):
     if name not in CASES:
-      raise ValueError(f"--cases: {name!r} is not one of {list(CASES)}")
-    tokens = case_tokens(name, args.batch, args.seq_len, args.heads, args.seed)
+      parser.error(f"--cases: {name!r} is not one of {list(CASES)}")
+    q_masks, k_masks = case_masks(name, args.batch, args.seq_len, args.heads, args.seed)
+    tokens = case_tokens(name, q_masks, k_masks)
+    if args.check:
+      counted, dense = allowed_pairs(tokens), dense_allowed_pairs(name, q_masks, k_masks)
+      if counted != dense:
+        sys.exit(f"{name}: {counted} allowed pairs counted, {dense} in the dense mask")
+      print(f"{name:7s} allowed pairs {counted} (checked against the dense mask)")
     for row in kernel_rows(name, tokens, args.head_dim):
       print(
           f"{row['case']:7s} {row['kernel']:5s} {row['tile']:7s} tiles/head {row['tiles_per_head']:9.0f} "

@@ -1,10 +1,10 @@
 """Probe: can a Triton kernel launched through jax-triton use a TMA tensor descriptor?
 
 Not used by the library. FlashAttention-3's dQ reduction (TMA adds from shared memory) is
-what a 5-unit SCFA backward would need (experiments/KERNEL_NOTES.md, session 17). Triton 3.6 builds device-side descriptors with `tl.make_tensor_descriptor`,
-which writes them into the global scratch buffer that the launcher must allocate. Each case
-copies one [64, 64] block through jax-triton, in its own process (an illegal address
-poisons the CUDA context):
+what a 5-unit SCFA backward would need (docs/design.md, "The backward"). Triton 3.6 builds
+device-side descriptors with `tl.make_tensor_descriptor`, which writes them into the global
+scratch buffer that the launcher must allocate. Each case copies one [64, 64] block through
+jax-triton, in its own process (an illegal address poisons the CUDA context):
 
   python experiments/tma_probe.py            # all cases, one line each
   python experiments/tma_probe.py --case=descriptor

@@ -1,4 +1,4 @@
-"""Session-wide test settings."""
+"""Settings shared by every test."""
 
 import os
 
