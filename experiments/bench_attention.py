@@ -7,8 +7,8 @@ constant-fold the sort), side by side with
 Medians over many runs via triton.testing.do_bench (CUDA events).
 
   python experiments/bench_attention.py --seq_lens=4096,16384 --cases=all,hash16,drop70 \
-      --out=experiments/results/bench_attention_h100.json
-  python experiments/bench_attention.py --plot=experiments/results/bench_attention_h100.json
+      --out=experiments/results/bench_attention_h200.json
+  python experiments/bench_attention.py --plot=experiments/results/bench_attention_h200.json
 
 The JSON is rewritten after every row, so a run cut short keeps what it measured.
 --plot draws runtime vs T per case with the cuDNN line, and the fwd+bwd speedups.
