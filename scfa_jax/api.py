@@ -165,7 +165,9 @@ def qk_sparse_attention(
   _check_tokens("q_keep", q_keep, _token_shape(q), "bool")
   _check_tokens("k_keep", k_keep, _token_shape(k), "bool")
   config = _config(q, False, scale, implementation)
-  return core.attention(q, k, v, sorting.by_keep_mask(q_keep, k_keep), config)
+  with jax.named_scope("scfa_sort"):
+    tokens = sorting.by_keep_mask(q_keep, k_keep)
+  return core.attention(q, k, v, tokens, config)
 
 
 def hash_sparse_attention(
@@ -199,4 +201,6 @@ def hash_sparse_attention(
   _check_non_negative("q_buckets", q_buckets)
   _check_non_negative("k_buckets", k_buckets)
   config = _config(q, strict, scale, implementation)
-  return core.attention(q, k, v, sorting.by_bucket(q_buckets, k_buckets), config)
+  with jax.named_scope("scfa_sort"):
+    tokens = sorting.by_bucket(q_buckets, k_buckets)
+  return core.attention(q, k, v, tokens, config)

@@ -115,8 +115,14 @@ class Block(nnx.Module):
     self.mlp = MLP(config, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, rngs=None) -> jax.Array:
-    x = x + self.attn(self.ln_attn(x), rngs=rngs).astype(x.dtype)
-    return x + self.mlp(self.ln_mlp(x)).astype(x.dtype)
+    with jax.named_scope("layer_norm"):
+      h = self.ln_attn(x)
+    with jax.named_scope("attention"):
+      x = x + self.attn(h, rngs=rngs).astype(x.dtype)
+    with jax.named_scope("layer_norm"):
+      h = self.ln_mlp(x)
+    with jax.named_scope("mlp"):
+      return x + self.mlp(h).astype(x.dtype)
 
 
 class GPT(nnx.Module):
@@ -139,17 +145,20 @@ class GPT(nnx.Module):
     _, t = tokens.shape
     if t > self.config.block_size:
       raise ValueError(f"sequence length {t} exceeds block_size={self.config.block_size}")
-    x = self.wte[...][tokens] + self.wpe[...][:t]
+    with jax.named_scope("embedding"):
+      x = self.wte[...][tokens] + self.wpe[...][:t]
     run_block = nnx.remat(_run_block) if self.config.remat else _run_block
     for block in self.blocks:
       # One key per layer, drawn out here so that remat never mutates the Rngs.
       key = None if rngs is None else _draw_key(rngs, block.attn.rng_collection)
       x = run_block(block, x, key)
-    x = self.ln_f(x)
+    with jax.named_scope("layer_norm"):
+      x = self.ln_f(x)
     dtype = jnp.dtype(self.config.compute_dtype)
-    return jnp.einsum(
-        "btd,vd->btv", x.astype(dtype), self.wte[...].astype(dtype), preferred_element_type=jnp.float32
-    )
+    with jax.named_scope("logits"):
+      return jnp.einsum(
+          "btd,vd->btv", x.astype(dtype), self.wte[...].astype(dtype), preferred_element_type=jnp.float32
+      )
 
 
 def _run_block(block: Block, x: jax.Array, key: jax.Array | None) -> jax.Array:

@@ -146,13 +146,15 @@ class SparseCausalSelfAttention(nnx.Module):
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None) -> jax.Array:
     """x: [B, T, D] -> [B, T, D]. rngs overrides the stream given at construction."""
     x = x.astype(self.dtype)
-    proj = lambda w: jnp.einsum("btd,dnh->btnh", x, w[...].astype(self.dtype))  # noqa: E731
-    q, v = proj(self.wq), proj(self.wv)
-    if self.shared_qk:
-      norm = jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1, keepdims=True))
-      k = (q.astype(jnp.float32) / jnp.maximum(norm, 1e-6)).astype(self.dtype)
-    else:
-      k = proj(self.wk)
+    # Named scopes label each part's kernels in profiles (experiments/bench_model.py --profile).
+    with jax.named_scope("qkv_projection"):
+      proj = lambda w: jnp.einsum("btd,dnh->btnh", x, w[...].astype(self.dtype))  # noqa: E731
+      q, v = proj(self.wq), proj(self.wv)
+      if self.shared_qk:
+        norm = jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1, keepdims=True))
+        k = (q.astype(jnp.float32) / jnp.maximum(norm, 1e-6)).astype(self.dtype)
+      else:
+        k = proj(self.wk)
     if self.mode == "dense":
       out = self._dense(q, k, v)
     else:
@@ -161,7 +163,8 @@ class SparseCausalSelfAttention(nnx.Module):
         raise ValueError(f"mode={self.mode!r} needs randomness: give rngs to the constructor or the call")
       key = _draw_key(stream, self.rng_collection)
       out = self._hash(q, k, v, key) if self.mode == "hash" else self._qk_drop(q, k, v, key)
-    return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(self.dtype))
+    with jax.named_scope("out_projection"):
+      return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(self.dtype))
 
   def _dense(self, q, k, v):
     impl = self.implementation
@@ -172,21 +175,25 @@ class SparseCausalSelfAttention(nnx.Module):
     attend = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
         q, k, v, is_causal=True, implementation=impl
     )
-    return batch_sharded(attend)(q, k, v)
+    with jax.named_scope("attention_core"):
+      return batch_sharded(attend)(q, k, v)
 
   def _hash(self, q, k, v, key):
-    rotations = lsh.random_rotations(key, self.num_heads, self.head_dim, self.num_buckets)
-    q_buckets = lsh.lsh_buckets(q, rotations)
-    # Normalising does not change the angular hash, so shared-QK keys share the query buckets.
-    k_buckets = q_buckets if self.shared_qk else lsh.lsh_buckets(k, rotations)
+    with jax.named_scope("lsh"):
+      rotations = lsh.random_rotations(key, self.num_heads, self.head_dim, self.num_buckets)
+      q_buckets = lsh.lsh_buckets(q, rotations)
+      # Normalising does not change the angular hash, so shared-QK keys share the query buckets.
+      k_buckets = q_buckets if self.shared_qk else lsh.lsh_buckets(k, rotations)
     attend = lambda q, k, v, qb, kb: api.hash_sparse_attention(  # noqa: E731
         q, k, v, q_buckets=qb, k_buckets=kb, strict=self.shared_qk, implementation=self.implementation
     )
-    return batch_sharded(attend)(q, k, v, q_buckets, k_buckets)
+    with jax.named_scope("attention_core"):
+      return batch_sharded(attend)(q, k, v, q_buckets, k_buckets)
 
   def _qk_drop(self, q, k, v, key):
     keep = jax.random.bernoulli(key, 1.0 - self.drop_rate, q.shape[:3])  # [B, T, N]
     attend = lambda q, k, v, keep: api.qk_sparse_attention(  # noqa: E731
         q, k, v, q_keep=keep, k_keep=keep, implementation=self.implementation
     )
-    return batch_sharded(attend)(q, k, v, keep)
+    with jax.named_scope("attention_core"):
+      return batch_sharded(attend)(q, k, v, keep)

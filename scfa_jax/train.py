@@ -147,7 +147,8 @@ def maybe_initialize_distributed(coordinator_address=None, num_processes=None, p
 def cross_entropy(model: GPT, windows: jax.Array, key: jax.Array) -> jax.Array:
   """Mean next-token cross-entropy (nats) over windows int [B, T + 1]."""
   logits = model(windows[:, :-1], rngs=nnx.Rngs(attention=key))
-  return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+  with jax.named_scope("cross_entropy"):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
 
 
 @dataclasses.dataclass
@@ -209,7 +210,8 @@ class Trainer:
       n = windows.shape[0]
       (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(n), windows))
       loss, grads = jax.tree.map(lambda x: x / n, (loss, grads))
-      opt.update(model, grads)
+      with jax.named_scope("optimizer"):
+        opt.update(model, grads)
       return {"model": nnx.state(model), "optimizer": nnx.state(opt)}, loss
 
     def eval_step(model_state, windows, key):
