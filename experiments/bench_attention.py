@@ -1,4 +1,4 @@
-"""SCFA runtime against cuDNN dense causal attention (DESIGN.md section 5).
+"""SCFA runtime against cuDNN dense causal attention (the protocol: docs/performance.md, "Setup").
 
 Times the whole public function (sort, plan, kernels), jitted, forward, backward and
 forward+backward, with masks and buckets passed as arguments (as constants XLA would

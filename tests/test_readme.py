@@ -1,21 +1,42 @@
-"""The README stays true: its example runs as written and CI runs its test command."""
+"""The README stays true: every python example runs as written and CI runs its test command."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def run_block(index: int) -> dict:
+  """Runs the README's python block `index` in a fresh namespace (each block has its own
+  imports) and returns that namespace."""
+  namespace: dict = {}
+  exec(compile(PYTHON_BLOCKS[index], f"README.md, python block {index + 1}", "exec"), namespace)  # noqa: S102
+  return namespace
+
+
+def test_readme_has_python_examples():
+  assert len(PYTHON_BLOCKS) >= 3, "the README shows the functions, the primitive and the Flax layer"
 
 
 def test_readme_example_runs_as_written():
-  blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-  assert blocks, "the README has no python example"
-  namespace: dict = {}
-  exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
+  namespace = run_block(0)
   assert namespace["out"].shape == namespace["q"].shape
   assert namespace["grads"].shape == namespace["q"].shape
+
+
+@pytest.mark.parametrize("index", range(1, len(PYTHON_BLOCKS)))
+def test_every_other_python_block_runs(index):
+  namespace = run_block(index)
+  if "out" in namespace:  # an attention example
+    assert namespace["out"].shape == namespace["q"].shape
+  if "y" in namespace:  # a layer example
+    assert namespace["y"].shape == namespace["x"].shape
 
 
 def test_ci_runs_exactly_the_readme_test_command():
