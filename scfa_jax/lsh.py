@@ -32,6 +32,26 @@ def bucket_dtype(num_buckets: int) -> jnp.dtype:
   return jnp.dtype(jnp.int32)
 
 
+def causal_center(x: jax.Array) -> jax.Array:
+  """Unit vectors minus the mean of the earlier ones: u[t] - mean_{s < t} u[s], u = x / |x|.
+
+  float32 [B, T, N, H] for x [B, T, N, H] (the first position keeps u[0]). Transformer
+  activations share a direction across tokens (already at initialisation: the GELU's
+  positive mean reaches every token through the residual stream), and angular LSH of
+  such vectors puts most tokens into a few buckets; in the 122M GPT at initialisation
+  the deeper layers' buckets hold 3x the pairs of uniform ones. Hashing the centered
+  vectors keeps the buckets near uniform. The mean runs over earlier positions only, so
+  a token's bucket never depends on the tokens after it.
+  """
+  if x.ndim != 4:
+    raise ValueError(f"x must be [B, T, N, H], got x.shape={x.shape}")
+  x = x.astype(jnp.float32)
+  unit = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  earlier = jnp.cumsum(unit, axis=1) - unit
+  count = jnp.maximum(jnp.arange(x.shape[1], dtype=jnp.float32), 1.0)[None, :, None, None]
+  return unit - earlier / count
+
+
 def lsh_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
   """Bucket ids argmax([xR, -xR]) per token and head: [B, T, N] in [0, 2 * R).
 

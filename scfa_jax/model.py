@@ -31,6 +31,7 @@ class GPTConfig:
   num_buckets: int = 16  # hash mode: LSH buckets per head (even)
   drop_rate: float = 0.0  # qk_drop mode: probability of dropping a (token, head)
   shared_qk: bool = True  # keys are the L2-normalised queries (the paper's LM)
+  center_hash: bool = True  # hash mode: bucket causally centered queries (lsh.causal_center); False: the paper's
   implementation: str | None = None  # None: Triton on GPU, XLA on CPU; or "xla", "triton", ...
   compute_dtype: str = "bfloat16"  # matmul dtype; params stay float32
   init_std: float = 0.02  # std of the normal init of every matrix and embedding
@@ -105,6 +106,7 @@ class Block(nnx.Module):
         num_buckets=config.num_buckets,
         drop_rate=config.drop_rate,
         shared_qk=config.shared_qk,
+        center_hash=config.center_hash,
         implementation=config.implementation,
         dtype=dtype,
         init_std=config.init_std,
@@ -156,9 +158,35 @@ class GPT(nnx.Module):
       x = self.ln_f(x)
     dtype = jnp.dtype(self.config.compute_dtype)
     with jax.named_scope("logits"):
-      return jnp.einsum(
-          "btd,vd->btv", x.astype(dtype), self.wte[...].astype(dtype), preferred_element_type=jnp.float32
-      )
+      return tied_logits(x.astype(dtype), self.wte[...].astype(dtype))
+
+
+@jax.custom_vjp
+def tied_logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
+  """float32 logits [B, T, V] of x [B, T, D] against the embedding [V, D] (both compute dtype).
+
+  The forward accumulates and returns float32. The backward rounds the logits' float32
+  cotangent to the compute dtype first, so that its two matmuls (the largest of the
+  model, V = 50304) run in bf16 with float32 accumulation, as in a mixed-precision step,
+  rather than as float32 (TF32) products of the upcast operands, which autodiff of a
+  float32-output product would give.
+  """
+  return jnp.einsum("btd,vd->btv", x, embedding, preferred_element_type=jnp.float32)
+
+
+def _tied_logits_fwd(x, embedding):
+  return tied_logits(x, embedding), (x, embedding)
+
+
+def _tied_logits_bwd(residuals, g):
+  x, embedding = residuals
+  g = g.astype(x.dtype)
+  dx = jnp.einsum("btv,vd->btd", g, embedding, preferred_element_type=jnp.float32)
+  d_embedding = jnp.einsum("btv,btd->vd", g, x, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), d_embedding.astype(embedding.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 def _run_block(block: Block, x: jax.Array, key: jax.Array | None) -> jax.Array:

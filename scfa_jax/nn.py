@@ -39,6 +39,11 @@ def batch_sharded(fn):
   return jax.shard_map(fn, in_specs=P(DATA_AXIS), out_specs=P(DATA_AXIS), check_vma=False)
 
 
+def bucket_sizes(buckets: jax.Array, num_buckets: int) -> jax.Array:
+  """int32 [B, N, num_buckets]: how many tokens of each (batch, head) fall in each bucket."""
+  return jnp.sum(jax.nn.one_hot(buckets, num_buckets, dtype=jnp.int32), axis=1)
+
+
 def _draw_key(rngs, stream) -> jax.Array:
   if isinstance(rngs, nnx.Rngs):
     return rngs[stream]()
@@ -63,6 +68,11 @@ class SparseCausalSelfAttention(nnx.Module):
   With `shared_qk` (the paper's language model, after Reformer) there is no key
   projection: keys are the L2-normalised queries, and hash mode uses strict
   causality (t > s), since a token would otherwise mostly attend to itself.
+
+  With `center_hash`, hash mode buckets `lsh.causal_center(q)` instead of q: the
+  paper's argmax LSH of raw queries puts most tokens of a deep layer into a few
+  buckets (a direction all tokens share), which costs both the sparsity that makes
+  the kernels fast and the balance that makes buckets informative.
 
   Randomness comes from the `rng_collection` stream of the `rngs` given to the
   constructor, or from `rngs` passed to `__call__` (which takes precedence; the
@@ -89,6 +99,7 @@ class SparseCausalSelfAttention(nnx.Module):
       num_buckets: int = 16,
       drop_rate: float = 0.0,
       shared_qk: bool = True,
+      center_hash: bool = True,
       implementation: str | None = None,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
@@ -104,6 +115,8 @@ class SparseCausalSelfAttention(nnx.Module):
       num_buckets: hash buckets per head (even: buckets come in +/- pairs).
       drop_rate: qk_drop probability of dropping a token from a head, in [0, 1).
       shared_qk: keys are the L2-normalised queries (no key projection).
+      center_hash: hash mode buckets the causally centered queries and keys
+        (`lsh.causal_center`); False hashes them as they are, as the paper does.
       implementation: passed to the scfa_jax functions (None, "xla", "triton",
         "interpret"); in dense mode "xla" and "cudnn" go to jax.nn, and the others
         mean cuDNN on a GPU with bf16/f16 compute, else XLA.
@@ -128,8 +141,10 @@ class SparseCausalSelfAttention(nnx.Module):
     if implementation == "cudnn" and mode != "dense":
       raise ValueError(f"implementation='cudnn' only applies to mode='dense', got {mode=}")
     self.mode, self.num_buckets, self.drop_rate = mode, num_buckets, drop_rate
-    self.shared_qk, self.implementation = shared_qk, implementation
+    self.shared_qk, self.center_hash, self.implementation = shared_qk, center_hash, implementation
     self.num_heads, self.head_dim = num_heads, width // num_heads
+    # When True, hash mode sows its bucket sizes (`bucket_sizes`) for `nnx.capture`.
+    self.record_buckets = False
     self.dtype, self.rng_collection = dtype, rng_collection
     init = nnx.initializers.normal(init_std)
     out_init = nnx.initializers.normal(init_std if out_init_std is None else out_init_std)
@@ -181,14 +196,23 @@ class SparseCausalSelfAttention(nnx.Module):
   def _hash(self, q, k, v, key):
     with jax.named_scope("lsh"):
       rotations = lsh.random_rotations(key, self.num_heads, self.head_dim, self.num_buckets)
-      q_buckets = lsh.lsh_buckets(q, rotations)
-      # Normalising does not change the angular hash, so shared-QK keys share the query buckets.
-      k_buckets = q_buckets if self.shared_qk else lsh.lsh_buckets(k, rotations)
-    attend = lambda q, k, v, qb, kb: api.hash_sparse_attention(  # noqa: E731
-        q, k, v, q_buckets=qb, k_buckets=kb, strict=self.shared_qk, implementation=self.implementation
-    )
+      hashed = lsh.causal_center if self.center_hash else (lambda x: x)
+      buckets = [lsh.lsh_buckets(hashed(q), rotations)]
+      # Normalising does not change the angular hash, so shared-QK keys take the query buckets:
+      # one array for both sides, inside the shard_map too, so that it is sorted once.
+      if not self.shared_qk:
+        buckets.append(lsh.lsh_buckets(hashed(k), rotations))
+      if self.record_buckets:
+        self.sow(nnx.Intermediate, "bucket_sizes", bucket_sizes(buckets[0], self.num_buckets))
+
+    def attend(q, k, v, q_buckets, k_buckets=None):
+      return api.hash_sparse_attention(
+          q, k, v, q_buckets=q_buckets, k_buckets=q_buckets if k_buckets is None else k_buckets,
+          strict=self.shared_qk, implementation=self.implementation,
+      )  # fmt: skip
+
     with jax.named_scope("attention_core"):
-      return batch_sharded(attend)(q, k, v, q_buckets, k_buckets)
+      return batch_sharded(attend)(q, k, v, *buckets)
 
   def _qk_drop(self, q, k, v, key):
     keep = jax.random.bernoulli(key, 1.0 - self.drop_rate, q.shape[:3])  # [B, T, N]

@@ -81,10 +81,14 @@ def _stable_sort(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _stable_sort_both(q_keys: jax.Array, k_keys: jax.Array):
-  """`_stable_sort` of the query and the key side: one sort of both when their shapes and
+  """`_stable_sort` of the query and the key side: one sort when both sides are the same
+  array (shared-QK buckets, one keep mask), else one sort of both when their shapes and
   dtypes agree (T == S). Each XLA sort costs about 45 us of host time per call (a pageable
   copy, occupancy queries, two launches), during which the GPU waits for its first
-  attention kernel (experiments/results/profile_h200_timeline_4k.json)."""
+  attention kernel."""
+  if q_keys is k_keys:
+    both = _stable_sort(q_keys)
+    return both, both
   if q_keys.shape != k_keys.shape or q_keys.dtype != k_keys.dtype:
     return _stable_sort(q_keys), _stable_sort(k_keys)
   b = q_keys.shape[0]
@@ -104,8 +108,9 @@ def by_keep_mask(q_keep: jax.Array, k_keep: jax.Array) -> SortedTokens:
   """QK-sparse order: kept tokens compacted to the front in time order, dropped ones
   after them with idx `Q_PAD` / `K_PAD`; their perm still names their own row, so
   outputs for them land at their original position."""
-  dropped = lambda keep: (~keep).astype(jnp.uint8)
-  (q_perm, q_dropped), (k_perm, k_dropped) = _stable_sort_both(dropped(q_keep), dropped(k_keep))
+  q_dropped = (~q_keep).astype(jnp.uint8)
+  k_dropped = q_dropped if k_keep is q_keep else (~k_keep).astype(jnp.uint8)
+  (q_perm, q_dropped), (k_perm, k_dropped) = _stable_sort_both(q_dropped, k_dropped)
   q_idx = jnp.where(q_dropped == 0, q_perm, Q_PAD)
   k_idx = jnp.where(k_dropped == 0, k_perm, K_PAD)
   return SortedTokens(q_perm, k_perm, q_idx, k_idx, ordered=True)

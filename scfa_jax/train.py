@@ -27,18 +27,17 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scfa_jax.data import batches, prepared, stdlib_corpus
+from scfa_jax.data import batches, prepared, python_sources
 from scfa_jax.model import GPT, GPTConfig, count_params, generate
-from scfa_jax.nn import DATA_AXIS
+from scfa_jax.nn import DATA_AXIS, SparseCausalSelfAttention
 
-STDLIB = "stdlib"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
   """One training run. Sequences are model.block_size tokens long."""
 
-  data: str = STDLIB  # "stdlib" (embedded corpus, built on first use) or a prepared folder
+  data: str = "stdlib"  # "stdlib" or "python" (this machine's Python sources, built on first use), or a prepared folder
   model: GPTConfig = GPTConfig()  # architecture; override fields as --model.<field>=value
   batch_size: int = 16  # sequences per optimizer step, over all devices and micro-batches
   grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum sequences each)
@@ -161,16 +160,22 @@ class Trainer:
   model_def: nnx.GraphDef
   optimizer_def: nnx.GraphDef
   step: int = 0  # optimizer steps done; mirrors state["optimizer"]["step"] without a device sync
+  _compiled_step: jax.stages.Compiled | None = None
 
   @classmethod
-  def create(cls, config: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> Trainer:
+  def create(
+      cls, config: TrainConfig, mesh: jax.sharding.Mesh | None = None, *, model: nnx.Module | None = None
+  ) -> Trainer:
+    """The trainer of `GPT(config.model)`, or of `model` when given (any NNX module called as
+    `model(tokens, rngs=nnx.Rngs(attention=key))` -> float32 logits), on `mesh` (all devices)."""
     mesh = make_mesh() if mesh is None else mesh
     if config.micro_batch % mesh.size:
       raise ValueError(
           f"batch_size / grad_accum = {config.micro_batch} sequences per micro-batch must split evenly "
           f"over the {mesh.size} devices of the 'data' axis"
       )
-    model = GPT(config.model, rngs=nnx.Rngs(params=config.seed))
+    if model is None:
+      model = GPT(config.model, rngs=nnx.Rngs(params=config.seed))
     opt = nnx.Optimizer(model, optimizer(config), wrt=nnx.Param)
     model_def, model_state = nnx.split(model)
     optimizer_def, optimizer_state = nnx.split(opt)
@@ -227,6 +232,18 @@ class Trainer:
         eval_step, in_shardings=(replicated, self.eval_sharding, replicated), out_shardings=replicated
     )
 
+    def bucket_step(model_state, windows, key):
+      model = nnx.merge(model_def, model_state)
+      for _, layer in nnx.iter_modules(model):
+        if isinstance(layer, SparseCausalSelfAttention):
+          layer.record_buckets = True
+      forward = lambda model: model(windows[:, :-1], rngs=nnx.Rngs(attention=key))  # noqa: E731
+      return nnx.capture(forward, nnx.Intermediate)(model)[1]
+
+    self._bucket_step = jax.jit(
+        bucket_step, in_shardings=(replicated, self.eval_sharding, replicated), out_shardings=replicated
+    )
+
   def _global(self, local: np.ndarray, sharding: NamedSharding, global_shape) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
@@ -248,9 +265,20 @@ class Trainer:
     )  # fmt: skip
     windows = self._global(local, self.batch_sharding, (*shape, c.model.block_size + 1))
     with jax.set_mesh(self.mesh):
-      self.state, loss = self._train_step(self.state, windows, step_key(c.seed, step))
+      self.state, loss = self.compiled_step()(self.state, windows, step_key(c.seed, step))
     self.step += 1
     return loss
+
+  def compiled_step(self) -> jax.stages.Compiled:
+    """The train step compiled ahead of time (on first use): `memory_analysis()` gives its memory."""
+    if self._compiled_step is None:
+      c = self.config
+      windows = jax.ShapeDtypeStruct(
+          (c.grad_accum, c.micro_batch, c.model.block_size + 1), jnp.int32, sharding=self.batch_sharding
+      )
+      with jax.set_mesh(self.mesh):
+        self._compiled_step = self._train_step.lower(self.state, windows, step_key(c.seed, 0)).compile()
+    return self._compiled_step
 
   def evaluate(self, eval_set: np.ndarray) -> float:
     """Mean loss over the fixed validation windows [num_batches, B, T + 1]."""
@@ -262,6 +290,27 @@ class Trainer:
         key = jax.random.fold_in(eval_key(self.config.seed), i)
         losses.append(self._eval_step(self.state["model"], batch, key))
     return float(np.mean(jax.device_get(losses)))
+
+  def bucket_balance(self, windows: np.ndarray) -> list[dict]:
+    """Per hash-attention layer, on validation windows [B, T + 1] with the evaluation key: the
+    largest bucket over the mean bucket size (averaged over batch rows and heads, and the
+    worst head), and the pair share sum((size / T) ** 2), which is 1 / num_buckets for
+    uniform buckets and sets how much of causal attention the layer computes."""
+    rows = self.local_rows(windows.shape[0])
+    with jax.set_mesh(self.mesh):
+      batch = self._global(windows[rows], self.eval_sharding, windows.shape)
+      captured = self._bucket_step(self.state["model"], batch, eval_key(self.config.seed))
+    layers = []
+    for path, sizes in jax.tree_util.tree_leaves_with_path(jax.device_get(captured)):
+      sizes = np.asarray(sizes, np.float64)  # [B, N, num_buckets]
+      share = sizes / sizes.sum(-1, keepdims=True)
+      over_mean = share.max(-1) * sizes.shape[-1]
+      layers.append({
+          "layer": "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path).split("/bucket_sizes")[0],
+          "max_over_mean": float(over_mean.mean()), "worst_max_over_mean": float(over_mean.max()),
+          "pair_share": float(np.mean(np.sum(share**2, -1))), "num_buckets": sizes.shape[-1],
+      })  # fmt: skip
+    return layers
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -350,7 +399,7 @@ def decode(tokens, meta: prepared.DatasetMeta) -> str:
   """Sample tokens as text: bytes, GPT-2 BPE when tiktoken can load it, else the ids."""
   ids = np.asarray(tokens).tolist()
   if meta.unit in ("byte", "char") and meta.vocab_size <= 257:
-    return stdlib_corpus.decode(ids)  # bytes; 256 is the end-of-text marker
+    return python_sources.decode(ids)  # bytes; 256 is the end-of-text marker
   if meta.unit == "token" and meta.eot_token == 50256:
     try:
       from scfa_jax.data.openwebtext2 import gpt2_encoding  # noqa: PLC0415
@@ -371,14 +420,14 @@ def encode_prompt(text: str, meta: prepared.DatasetMeta) -> np.ndarray:
 
 
 def load_data(config: TrainConfig) -> tuple[dict[str, np.ndarray], prepared.DatasetMeta]:
-  if config.data == STDLIB:
+  if config.data in python_sources.CORPORA:
     if jax.process_index() == 0:
-      stdlib_corpus.prepare()
+      python_sources.prepare(corpus=config.data)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # noqa: PLC0415
 
-      multihost_utils.sync_global_devices("stdlib corpus prepared")
-    return stdlib_corpus.load()
+      multihost_utils.sync_global_devices("python sources prepared")
+    return python_sources.load(corpus=config.data)
   return prepared.load(config.data)
 
 
@@ -423,6 +472,8 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
     record = {"kind": "eval", "step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
     record[f"val_{bits_name}"] = prepared.bits(loss)
     log.write(record)
+    if config.model.attention == "hash":
+      log.write({"kind": "buckets", "step": step, "layers": trainer.bucket_balance(eval_set[0])})
     say(
         f"step {step:6d} | val loss {loss:.4f} | val ppl {record['val_perplexity']:.2f} | "
         f"{bits_name} {record[f'val_{bits_name}']:.3f}"

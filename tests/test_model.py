@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from scfa_jax.model import GPT, PRESETS, GPTConfig, count_params, generate, preset
+from scfa_jax.model import GPT, PRESETS, GPTConfig, count_params, generate, preset, tied_logits
 
 TINY = GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32, num_buckets=4,
                  compute_dtype="float32", implementation="xla")  # fmt: skip
@@ -70,6 +70,25 @@ def test_gradients_reach_every_parameter(remat):
   assert abs(float(value) - math.log(61)) < 0.2
   for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
     assert np.all(np.isfinite(g)) and np.any(g != 0), path
+
+
+def test_tied_logits_backward_runs_its_products_in_the_compute_dtype():
+  """float32 logits forward; the backward's two products take bf16 operands (not float32 ones,
+  which would run as TF32 on a GPU) and agree with float32 autodiff to bf16 accuracy."""
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (2, 8, 16)).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (50, 16)).astype(jnp.bfloat16)
+  g = jax.random.normal(kg, (2, 8, 50))
+  out, vjp = jax.vjp(tied_logits, x, w)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, jnp.einsum("btd,vd->btv", x.astype(jnp.float32), w.astype(jnp.float32)), rtol=1e-5)
+  dots = [e for e in jax.make_jaxpr(vjp)(g).eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 2 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+  dx, dw = vjp(g)
+  assert (dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16)
+  want_dx, want_dw = jax.vjp(lambda x, w: jnp.einsum("btd,vd->btv", x, w), x.astype(jnp.float32), w.astype(jnp.float32))[1](g)
+  np.testing.assert_allclose(np.asarray(dx, np.float32), want_dx, rtol=3e-2, atol=3e-2)
+  np.testing.assert_allclose(np.asarray(dw, np.float32), want_dw, rtol=3e-2, atol=3e-2)
 
 
 def test_bf16_compute_keeps_float32_params_and_logits():

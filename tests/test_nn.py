@@ -41,6 +41,10 @@ def _numpy_attention(layer, x, key):
     r = np.asarray(lsh.random_rotations(key, N, H, layer.num_buckets), np.float64)  # the documented draw
 
     def buckets(a):
+      if layer.center_hash:  # unit vectors minus the mean of the earlier ones
+        unit = a / np.linalg.norm(a, axis=-1, keepdims=True)
+        earlier = np.cumsum(unit, axis=1) - unit
+        a = unit - earlier / np.maximum(np.arange(T), 1)[None, :, None, None]
       p = np.einsum("btnh,nhr->btnr", a, r)
       return np.argmax(np.concatenate([p, -p], -1), -1).transpose(0, 2, 1)  # [B, N, T]
 
@@ -60,10 +64,13 @@ def _numpy_attention(layer, x, key):
   return np.einsum("btnh,nhd->btd", o, np.asarray(layer.wo[...], np.float64)), mask
 
 
-@pytest.mark.parametrize("shared_qk", [True, False])
-@pytest.mark.parametrize("mode", ["dense", "hash", "qk_drop"])
-def test_layer_matches_plain_masked_attention(mode, shared_qk):
-  layer = _layer(mode, shared_qk)
+@pytest.mark.parametrize(
+    ("mode", "shared_qk", "center_hash"),
+    [(m, s, True) for m in ("dense", "hash", "qk_drop") for s in (True, False)]
+    + [("hash", True, False), ("hash", False, False)],
+)
+def test_layer_matches_plain_masked_attention(mode, shared_qk, center_hash):
+  layer = _layer(mode, shared_qk, center_hash=center_hash)
   x = jax.random.normal(jax.random.key(1), (B, T, D))
   key = jax.random.key(7)
   got = np.asarray(layer(x, rngs=key))
@@ -71,6 +78,36 @@ def test_layer_matches_plain_masked_attention(mode, shared_qk):
   if mode != "dense":
     assert 0.05 < mask.mean() < 0.45, "the draw should make the pattern sparse but not empty"
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4)
+
+
+def test_centered_hash_balances_buckets_of_vectors_with_a_common_direction():
+  """The paper's argmax LSH puts tokens that share a strong direction into one bucket;
+  hashing `causal_center`'s output spreads them (as the 122M GPT's deep layers need)."""
+  key_common, key_noise, key_rot = jax.random.split(jax.random.key(0), 3)
+  length = 2048
+  common = 4.0 * jax.random.normal(key_common, (1, 1, 2, 16))
+  x = common + jax.random.normal(key_noise, (1, length, 2, 16))
+  rotations = lsh.random_rotations(key_rot, 2, 16, 8)
+
+  def pair_share(buckets):  # sum of squared bucket shares: the fraction of pairs kept
+    counts = np.stack([np.bincount(np.asarray(buckets[0, :, n]), minlength=8) for n in range(2)])
+    return float(np.mean(np.sum((counts / length) ** 2, axis=1)))
+
+  plain, centered = pair_share(lsh.lsh_buckets(x, rotations)), pair_share(lsh.lsh_buckets(lsh.causal_center(x), rotations))
+  assert plain > 0.5 and centered < 1.5 / 8, (plain, centered)
+
+
+def test_causal_center_never_looks_ahead():
+  x = jax.random.normal(jax.random.key(1), (2, 40, 3, 8))
+  changed = x.at[:, 25:].set(jax.random.normal(jax.random.key(2), (2, 15, 3, 8)))
+  a, b = lsh.causal_center(x), lsh.causal_center(changed)
+  np.testing.assert_array_equal(a[:, :25], b[:, :25])
+  assert not np.allclose(a[:, 25:], b[:, 25:])
+  unit = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  np.testing.assert_allclose(a[:, 9], unit[:, 9] - unit[:, :9].mean(axis=1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a[:, 0], unit[:, 0], rtol=1e-6)  # nothing earlier: the unit vector itself
+  with pytest.raises(ValueError, match="x must be"):
+    lsh.causal_center(x[0])
 
 
 def test_rngs_streams_and_reproducibility():

@@ -246,6 +246,19 @@ def test_each_side_sorts_by_its_own_keys_whether_sorted_together_or_not(s):
       np.testing.assert_array_equal(idx[b, n], np.where(keep[b, order, n], order, pad))
 
 
+def test_one_array_for_both_sides_is_sorted_once():
+  """Shared-QK buckets (or one keep mask) passed as the same array take one sort of [B, N, T],
+  not a sort of both sides stacked, and give what two equal arrays give."""
+  rng = np.random.default_rng(3)
+  buckets, keep = jnp.asarray(rng.integers(0, 6, (2, 40, 3)), jnp.uint8), jnp.asarray(rng.random((2, 40, 3)) < 0.6)
+  for sort, x in ((sorting.by_bucket, buckets), (sorting.by_keep_mask, keep)):
+    sorts = [e for e in jax.make_jaxpr(lambda x: sort(x, x))(x).eqns if e.primitive.name == "sort"]
+    assert [e.invars[0].aval.shape for e in sorts] == [(2, 3, 40)]
+    shared, apart = sort(x, x), sort(x, jnp.array(x, copy=True))
+    for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(apart), strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
 def test_gather_and_scatter_rows_are_inverse():
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(2, 33, 3, 4)))

@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from scfa_jax import train
-from scfa_jax.data import batches, prepared, stdlib_corpus
-from scfa_jax.model import GPTConfig
+from scfa_jax.data import batches, prepared, python_sources
+from scfa_jax.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,6 +61,36 @@ def test_weight_decay_only_on_matrices():
       np.testing.assert_array_equal(a, b)
 
 
+def test_trainer_takes_a_given_model_and_compiles_its_step_once():
+  config = train.TrainConfig(model=TINY_MODEL, batch_size=2, steps=3, checkpoint_every=0)
+  model = GPT(dataclasses.replace(TINY_MODEL, attention="dense"), rngs=nnx.Rngs(params=5))
+  trainer = train.Trainer.create(config, model=model)
+  assert trainer.model().blocks[0].attn.mode == "dense"  # not GPT(config.model), which is hash
+  np.testing.assert_array_equal(trainer.model().wte[...], model.wte[...])
+  compiled = trainer.compiled_step()
+  assert trainer.compiled_step() is compiled and compiled.memory_analysis().temp_size_in_bytes > 0
+  tokens = np.arange(5000) % 257
+  losses = [float(trainer.train_step(tokens)) for _ in range(3)]
+  assert trainer.compiled_step() is compiled and trainer.step == 3 and np.all(np.isfinite(losses))
+
+
+def test_bucket_balance_reports_every_hash_layer_without_touching_the_train_state():
+  model = dataclasses.replace(TINY_MODEL, n_layer=2, block_size=64, num_buckets=4)
+  trainer = train.Trainer.create(train.TrainConfig(model=model, batch_size=2, steps=3, checkpoint_every=0))
+  tokens = np.arange(5000) % 257
+  trainer.train_step(tokens)
+  windows = batches.eval_batches(tokens, num_batches=1, batch_size=2, length=64)[0]
+  layers = trainer.bucket_balance(windows)
+  assert [r["layer"] for r in layers] == ["blocks/0/attn", "blocks/1/attn"]
+  for r in layers:
+    assert r["num_buckets"] == 4 and 1 <= r["max_over_mean"] <= r["worst_max_over_mean"] <= 4
+    assert 0.25 <= r["pair_share"] <= 1
+  assert layers == trainer.bucket_balance(windows)  # the evaluation key: deterministic
+  before = jax.tree.structure(trainer.state)
+  trainer.train_step(tokens)  # the captured call left no Intermediate in the model's state
+  assert jax.tree.structure(trainer.state) == before
+
+
 def test_batches_are_a_function_of_seed_and_step():
   tokens = np.arange(10_000) % 251
   a = batches.train_batch(tokens, seed=1, step=5, shape=(2, 4), length=16)
@@ -76,24 +106,30 @@ def test_batches_are_a_function_of_seed_and_step():
   assert fixed.shape == (3, 2, 17) and fixed[0, 0, 0] == 0
 
 
-def test_stdlib_corpus_format_and_split(tmp_path):
-  root = tmp_path / "lib"
+def test_python_sources_format_dedup_and_split(tmp_path):
+  root, other = tmp_path / "lib", tmp_path / "site"
   files = {f"pkg{i % 3}/m{i}.py": f"x = {i}\n" for i in range(200)} | {"site-packages/c.py": "no", "d.txt": "no"}
-  for rel, text in files.items():
-    (root / rel).parent.mkdir(parents=True, exist_ok=True)
-    (root / rel).write_text(text)
+  vendored = {"dep/m7.py": "x = 7\n", "dep/new.py": "y = 1\n", "empty.py": ""}  # a copy, a new file, nothing
+  for base, tree in ((root, files), (other, vendored)):
+    for rel, text in tree.items():
+      (base / rel).parent.mkdir(parents=True, exist_ok=True)
+      (base / rel).write_text(text)
   expected = sorted(r for r in files if r.startswith("pkg"))
-  assert stdlib_corpus.source_files(root) == expected
-  folder = stdlib_corpus.prepare(tmp_path / "prepared", root=root)
+  listed = python_sources.source_files([root, other])
+  assert listed == [(root, r) for r in expected] + [(other, r) for r in sorted(vendored)]
+  folder = python_sources.prepare(tmp_path / "prepared", roots=[root, other])
   splits, meta = prepared.load(folder)
   assert (meta.vocab_size, meta.unit, meta.eot_token, meta.bits_metric()) == (257, "byte", 256, "bits_per_byte")
+  texts = [files[r] for r in expected] + ["y = 1\n"]  # the copy of pkg1/m7.py and the empty file are left out
   for split in ("train", "val"):
-    want = "".join(files[r] + "\n<|endoftext|>\n" for r in expected if stdlib_corpus.is_validation(r) == (split == "val"))
-    assert stdlib_corpus.decode(splits[split]) + "" == want.rstrip("") and want
-  real = stdlib_corpus.source_files()
-  assert len(real) > 500 and "os.py" in real and real == sorted(real)
-  share = np.mean([stdlib_corpus.is_validation(r) for r in real])
+    want = "".join(t + "\n<|endoftext|>\n" for t in texts if python_sources.is_validation(t.encode()) == (split == "val"))
+    assert want and python_sources.decode(splits[split]) == want
+  real = python_sources.source_files(python_sources.stdlib_root())
+  assert len(real) > 500 and (python_sources.stdlib_root(), "os.py") in real
+  share = np.mean([python_sources.is_validation((root_ / rel).read_bytes()) for root_, rel in real])
   assert 0.02 < share < 0.1
+  with pytest.raises(ValueError, match="corpus"):
+    python_sources.source_roots("perl")
 
 
 def test_loss_decreases_and_a_killed_run_resumes_the_same_loss_curve(tmp_path):
