@@ -17,6 +17,7 @@ import inspect
 import math
 import os
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -202,16 +203,32 @@ def _jax_triton():
 
 
 def default_available(q: jax.Array) -> bool:
-  """Whether implementation=None should pick Triton for q: a GPU, jax_triton, a head dim we tile."""
-  if jax.default_backend() != "gpu" or q.shape[-1] not in HEAD_DIMS:
+  """Whether implementation=None should pick Triton for q: a GPU, jax_triton, a head dim we tile.
+
+  On a GPU, falling back to XLA warns: its backend computes every score tile, so sparsity
+  saves nothing there, and a missing jax-triton should not pass for slow kernels.
+  """
+  if jax.default_backend() != "gpu" or os.environ.get("TRITON_INTERPRET") == "1":
     return False
-  if os.environ.get("TRITON_INTERPRET") == "1":
+  if q.shape[-1] not in HEAD_DIMS:
+    _warn_xla_on_gpu(f"the kernels take head dims {HEAD_DIMS}, got H={q.shape[-1]}")
     return False
   try:
     _jax_triton()
-  except ImportError:
+  except ImportError as e:
+    _warn_xla_on_gpu(f"jax-triton could not be imported ({e})")
     return False
   return True
+
+
+def _warn_xla_on_gpu(reason: str) -> None:
+  warnings.warn(
+      f"scfa_jax: implementation=None runs the XLA backend on this GPU because {reason}. It computes every "
+      "score tile and is many times slower than the Triton kernels; pass implementation='xla' to choose it "
+      "explicitly.",
+      RuntimeWarning,
+      stacklevel=4,
+  )
 
 
 def check_supported(implementation: str, q: jax.Array) -> None:

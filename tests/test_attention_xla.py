@@ -268,6 +268,29 @@ def test_default_implementation_on_cpu_is_xla():
   assert np.array_equal(np.asarray(out), np.asarray(want))
 
 
+def test_default_implementation_warns_when_a_gpu_falls_back_to_xla(monkeypatch):
+  """A GPU without jax-triton (or with a head dim the kernels do not tile) gets the XLA backend,
+  with a warning that says why; a CPU gets it silently."""
+  import warnings  # noqa: PLC0415
+
+  from scfa_jax import triton_backend  # noqa: PLC0415
+
+  q = jnp.zeros((1, 8, 2, 64))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert not triton_backend.default_available(q)  # this machine: a CPU, no warning
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+  def missing():
+    raise ImportError("No module named 'jax_triton'")
+
+  monkeypatch.setattr(triton_backend, "_jax_triton", missing)
+  with pytest.warns(RuntimeWarning, match="jax-triton could not be imported"):
+    assert not triton_backend.default_available(q)
+  with pytest.warns(RuntimeWarning, match="head dims"):
+    assert not triton_backend.default_available(jnp.zeros((1, 8, 2, 48)))
+
+
 def run_shard_map_check(implementation: str, check_vma: bool) -> None:
   """Hash attention and its gradient under shard_map over B on 4 virtual CPU devices."""
   import subprocess
