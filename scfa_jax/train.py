@@ -12,10 +12,12 @@ their kernels in `shard_map` over 'data' (see `scfa_jax.nn.batch_sharded`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -467,9 +469,12 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
       length=config.model.block_size, record_length=meta.record_length,
   )  # fmt: skip
 
+  clock = _TrainClock()
+
   def evaluate(step: int) -> dict:
     loss = trainer.evaluate(eval_set)
-    record = {"kind": "eval", "step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    record = {"kind": "eval", "step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+              "train_s": clock.train_s()}  # fmt: skip
     record[f"val_{bits_name}"] = prepared.bits(loss)
     log.write(record)
     if config.model.attention == "hash":
@@ -481,7 +486,9 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
     return record
 
   if start == 0:
-    last_eval = evaluate(0)
+    log.write({"kind": "run", "step": 0, "config": dataclasses.asdict(config), **run_info()})
+    with clock.paused():
+      last_eval = evaluate(0)
   else:
     last_eval = next((r for r in reversed(MetricsLog.read(log.path)) if r["kind"] == "eval"), None)
     if start >= config.steps:
@@ -490,7 +497,9 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
   bar = tqdm(
       total=config.steps, initial=start, disable=not (progress and lead), unit="step", dynamic_ncols=True
   )
-  pending, t_last, tokens_since, t0 = [], time.perf_counter(), 0, time.perf_counter()
+  with clock.paused():
+    trainer.compiled_step()  # compiled before the clock runs: train_s counts training steps only
+  pending, tokens_since, train_s_last = [], 0, clock.train_s()
   schedule = learning_rate(config)
   for step in range(start, end):
     pending.append(trainer.train_step(splits["train"], meta.record_length))
@@ -498,19 +507,24 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
     tokens_since += tokens_per_step
     if done % config.log_every == 0 or done == end:
       losses = np.asarray(jax.device_get(pending))
-      now = time.perf_counter()
-      rate = tokens_since / (now - t_last)
+      train_s = clock.train_s()
+      rate = tokens_since / max(train_s - train_s_last, 1e-9)
       log.write({"kind": "train", "step": done, "loss": float(losses.mean()), "lr": float(schedule(step)),
-                 "tokens_per_s": rate, "elapsed_s": now - t0})  # fmt: skip
+                 "tokens_per_s": rate, "train_s": train_s, "elapsed_s": clock.elapsed_s()})  # fmt: skip
       bar.set_postfix(loss=f"{losses.mean():.3f}", tok_s=f"{rate:,.0f}")
-      pending, t_last, tokens_since = [], now, 0
+      pending, train_s_last, tokens_since = [], train_s, 0
     bar.update(1)
-    if done % config.eval_every == 0 or done == config.steps:
-      last_eval = evaluate(done)
-      if lead:
-        plot_metrics(MetricsLog.read(log.path), out / "loss.png", bits_name)
-    if checkpoints and (done % config.checkpoint_every == 0 or done == config.steps):
-      checkpoints.save(done, trainer.state)
+    evaluating = done % config.eval_every == 0 or done == config.steps
+    saving = checkpoints and (done % config.checkpoint_every == 0 or done == config.steps)
+    if evaluating or saving:
+      jax.block_until_ready(trainer.state)  # the steps so far count as training time
+      with clock.paused():
+        if evaluating:
+          last_eval = evaluate(done)
+          if lead:
+            plot_metrics(MetricsLog.read(log.path), out / "loss.png", bits_name)
+        if saving:
+          checkpoints.save(done, trainer.state)
   bar.close()
   if checkpoints:
     checkpoints.close()
@@ -526,6 +540,49 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
   if lead and trainer.step == config.steps:
     summary["plot"] = str(plot_metrics(MetricsLog.read(log.path), out / "loss.png", bits_name))
   return summary
+
+
+class _TrainClock:
+  """Wall time since the run started, and training time: the same minus the time spent in
+  `paused()` blocks (compilation, evaluation, plots, checkpoints), so that runs of
+  different modes compare by the time their steps took."""
+
+  def __init__(self):
+    self.start, self.pause_s = time.perf_counter(), 0.0
+
+  def elapsed_s(self) -> float:
+    return time.perf_counter() - self.start
+
+  def train_s(self) -> float:
+    return self.elapsed_s() - self.pause_s
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.pause_s += time.perf_counter() - start
+
+
+def run_info() -> dict:
+  """Device, library versions and commit, recorded with every run's metrics."""
+  from importlib import metadata  # noqa: PLC0415
+
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "triton", "jax-triton"):
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      versions[name] = None
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                            cwd=Path(__file__).parent, check=True).stdout.strip()  # fmt: skip
+  except (OSError, subprocess.SubprocessError):
+    commit = None
+  device = jax.devices()[0]
+  return {"device": f"{device.platform}:{getattr(device, 'device_kind', '?')} x{jax.device_count()}",
+          "versions": versions, "commit": commit}  # fmt: skip
 
 
 def sample_text(trainer: Trainer, config: TrainConfig, meta: prepared.DatasetMeta) -> str:

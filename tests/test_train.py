@@ -31,8 +31,12 @@ def _config(out_dir, **kw) -> train.TrainConfig:
 
 
 def _curve(path) -> list[dict]:
-  timing = ("tokens_per_s", "elapsed_s")
-  return [{k: v for k, v in r.items() if k not in timing} for r in train.MetricsLog.read(path)]
+  """The records that do not depend on timing or on the folder: train and eval records without their clocks."""
+  records = train.MetricsLog.read(path)
+  assert [r["kind"] for r in records].count("run") == 1 and records[0]["kind"] == "run"
+  assert records[0]["config"]["out_dir"] == str(Path(path).parent) and records[0]["device"].startswith("cpu")
+  timing = ("tokens_per_s", "elapsed_s", "train_s")
+  return [{k: v for k, v in r.items() if k not in timing} for r in records[1:]]
 
 
 def test_schedule_warmup_cosine_floor():
