@@ -39,6 +39,7 @@ import glob
 import gzip
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -156,7 +157,7 @@ class _PlainDenseStep:
 
   def __init__(self, c: GPTConfig, batch: int, total_steps: int, tokens: np.ndarray, seed: int = 0):
     d, n, h, f = c.n_embd, c.n_head, c.n_embd // c.n_head, 4 * c.n_embd
-    keys = iter(jax.random.split(jax.random.key(seed), 4 + 4 * c.n_layer))
+    keys = iter(jax.random.split(jax.random.key(seed), 2 + 5 * c.n_layer))
     normal = lambda shape, std=c.init_std: std * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
     residual_std = c.init_std / math.sqrt(2 * c.n_layer)
     params = {
@@ -277,6 +278,9 @@ CATEGORIES = (
     ("logits_cross_entropy", "scope", r"logits|cross_entropy"),
     ("optimizer", "scope", r"optimizer"),
     ("copies_transposes", "kernel", r"copy|transpose"),
+    # cuBLAS kernels that XLA launched inside a command buffer carry no instruction of their
+    # own in the trace; --no_command_buffers gives each its instruction, so its scope.
+    ("unattributed_matmuls", "kernel", r"nvjet|gemm|xmma|cutlass"),
 )
 
 
@@ -317,6 +321,17 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
   return {name: " ".join([own[name], *inside.get(calls.get(name, ""), [])]) for name in own}
 
 
+def op_names_of(event: dict, names: dict[str, str]) -> str:
+  """The op_names of a traced kernel: through its HLO instruction, or for a fusion kernel
+  that ran inside a command buffer (whose events name the buffer), through its own name,
+  which is the fusion's with '.' written '_' ("loop_add_fusion_12" is "loop_add_fusion.12")."""
+  found = names.get(event["args"].get("hlo_op", ""))
+  if found:
+    return found
+  kernel = event["name"]
+  return names.get(re.sub(r"_(\d+)$", r".\1", kernel)) or names.get(kernel, "")
+
+
 def _perfetto_events(folder: str) -> tuple[list[dict], dict[int, str]]:
   paths = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
   if not paths:
@@ -329,9 +344,11 @@ def _perfetto_events(folder: str) -> tuple[list[dict], dict[int, str]]:
   return [e for e in events if e.get("ph") == "X"], processes
 
 
-def profile_step(step, steps: int = 3) -> dict:
-  """GPU (or, without one, XLA CPU) time of one step per category, from a jax.profiler trace."""
-  names = hlo_op_names(step.compiled().as_text())
+def profile_step(step, steps: int = 3, keep: Path | None = None) -> dict:
+  """GPU (or, without one, XLA CPU) time of one step per category, from a jax.profiler trace.
+  keep: a folder to copy the trace and the compiled HLO into, for a closer look."""
+  hlo = step.compiled().as_text()
+  names = hlo_op_names(hlo)
   jax.block_until_ready(step())
   with tempfile.TemporaryDirectory() as folder:
     with jax.profiler.trace(folder, create_perfetto_trace=True):
@@ -340,13 +357,18 @@ def profile_step(step, steps: int = 3) -> dict:
       jax.block_until_ready(losses)
       wall_ms = (time.perf_counter() - start) * 1e3 / steps
     events, processes = _perfetto_events(folder)
+    if keep is not None:
+      keep.mkdir(parents=True, exist_ok=True)
+      for path in glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True):
+        Path(keep / "trace.json.gz").write_bytes(Path(path).read_bytes())
+      with gzip.open(keep / "hlo.txt.gz", "wt") as f:
+        f.write(hlo)
   on_device = [e for e in events if "/device:GPU" in processes.get(e["pid"], "")]
   ops = [e for e in (on_device or events) if "hlo_op" in e.get("args", {})]
   per_category, per_kernel = collections.Counter(), collections.Counter()
   intervals = []
   for e in ops:
-    op = e["args"]["hlo_op"]
-    label = category(names.get(op, ""), e["name"])
+    label = category(op_names_of(e, names), e["name"])
     per_category[label] += e["dur"] / 1e3 / steps
     per_kernel[(label, e["name"][:90])] += e["dur"] / 1e3 / steps
     intervals.append((e["ts"], e["ts"] + e["dur"]))
@@ -359,6 +381,8 @@ def profile_step(step, steps: int = 3) -> dict:
       "wall_ms": wall_ms, "busy_ms": busy_ms, "host_gaps_ms": max(0.0, wall_ms - busy_ms),
       "by_category_ms": dict(per_category.most_common()), "device_events": len(on_device), "op_events": len(ops),
       "top_kernels": [[label, name, ms] for (label, name), ms in per_kernel.most_common(25)],
+      "unmatched_kernels": sorted({e["name"][:60] for e in ops if not op_names_of(e, names)})[:20],
+      "sample_args": [e.get("args") for e in on_device[:3]],
   }  # fmt: skip
 
 
@@ -378,6 +402,7 @@ def plot(rows: list[dict], path: Path) -> None:
     label = "no attention (the ceiling)" if mode == "no_attention" else mode
     ax.plot(*zip(*points, strict=True), marker="" if style else "o", label=label, **style)
   ax.set(xscale="log", xlabel="sequence length T", ylabel="tokens / s", title="122M GPT, one training step")
+  ax.minorticks_off()
   ax.set_xticks(sorted({r["T"] for r in rows}), [str(t) for t in sorted({r["T"] for r in rows})])
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -399,6 +424,10 @@ def main() -> None:
   parser.add_argument("--preset", default="gpt122m", help="GPT preset (cpu_tiny for a smoke test)")
   parser.add_argument("--data", default=None, help="a prepared folder to read (default: random tokens)")
   parser.add_argument("--profile", default="", help="TxB:mode,mode;TxB:mode ... cases to profile")
+  parser.add_argument("--profile_dir", type=Path, default=None, help="keep each profile's trace and HLO here")
+  parser.add_argument("--no_command_buffers", action="store_true",
+                      help="launch XLA's GPU kernels one by one (not as CUDA graphs), so that the profile can "
+                      "attribute every cuBLAS matmul; changes the timings slightly")  # fmt: skip
   parser.add_argument("--out", default=None, help="JSON path (default results/bench_model_<platform>.json)")
   args = parser.parse_args()
   unknown = [m for m in args.modes.split(",") if m not in MODES]
@@ -409,13 +438,15 @@ def main() -> None:
     case, _, modes = item.partition(":")
     profile[_cases(case)[0]] = modes.split(",")
 
+  if args.no_command_buffers:  # before JAX starts its GPU backend
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer="
   info = versions()
   print(json.dumps(info), flush=True)
   out = Path(args.out or Path(__file__).parent / "results" / f"bench_model_{jax.default_backend()}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
 
   def write(rows):  # after every case, so that a run cut short keeps what it measured
-    out.write_text(json.dumps({"versions": info, "args": vars(args), "results": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"versions": info, "args": vars(args), "results": rows}, indent=1, default=str) + "\n")
 
   vocab = preset(args.preset).vocab_size
   if args.data:
@@ -431,7 +462,8 @@ def main() -> None:
                                preset_name=args.preset, tokens=tokens)  # fmt: skip
         if mode in profile.get((length, batch), []):
           try:
-            row["profile"] = profile_step(step)
+            keep = args.profile_dir / f"{length}x{batch}_{mode}" if args.profile_dir else None
+            row["profile"] = profile_step(step, keep=keep)
           except Exception as e:  # noqa: BLE001  (a profiler that fails must not lose the timing)
             row["profile"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
         del step
