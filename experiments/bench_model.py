@@ -19,8 +19,10 @@ params, data sampling included) after warm-up, for each case T x batch and mode:
 
 Each row reports step ms, tokens/s, the speed-up over dense, the ceiling and the
 fraction of it reached (speed-up / ceiling), compile time, the compiled step's memory
-(XLA's memory analysis) and the losses of every step. With --data (a prepared folder)
-the steps read that corpus, so the losses of two versions of the code can be compared.
+(XLA's memory analysis), the losses of every step and, in hash modes, the balance of the
+buckets the timed model gives one batch. The steps are the first of a 10,000-step schedule
+(inside its warm-up), as a real run's would be. With --data (a prepared folder) the steps
+read that corpus, so the losses of two versions of the code can be compared.
 
 --profile adds, for the given cases, a breakdown of one step's GPU time by part of the
 model: jax.profiler traces each kernel to its HLO instruction, whose op_name carries the
@@ -126,8 +128,8 @@ def _memory_gib(compiled) -> float | None:
 class _TrainerStep:
   """One mode's step on the project's Trainer: __call__ runs one optimizer step."""
 
-  def __init__(self, model_config: GPTConfig, batch: int, total_steps: int, tokens: np.ndarray, mode: str):
-    config = train.TrainConfig(model=model_config, batch_size=batch, steps=total_steps, checkpoint_every=0)
+  def __init__(self, model_config: GPTConfig, batch: int, schedule_steps: int, tokens: np.ndarray, mode: str):
+    config = train.TrainConfig(model=model_config, batch_size=batch, steps=schedule_steps, checkpoint_every=0)
     model = None
     if mode == "no_attention":
       model = GPT(model_config, rngs=nnx.Rngs(params=config.seed))
@@ -155,7 +157,7 @@ class _PlainDenseStep:
   cuDNN attention on bf16, float32 params and residual stream, bf16 logits upcast for
   the loss, the same Optax AdamW. What a plain-JAX user would write."""
 
-  def __init__(self, c: GPTConfig, batch: int, total_steps: int, tokens: np.ndarray, seed: int = 0):
+  def __init__(self, c: GPTConfig, batch: int, schedule_steps: int, tokens: np.ndarray, seed: int = 0):
     d, n, h, f = c.n_embd, c.n_head, c.n_embd // c.n_head, 4 * c.n_embd
     keys = iter(jax.random.split(jax.random.key(seed), 2 + 5 * c.n_layer))
     normal = lambda shape, std=c.init_std: std * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
@@ -171,7 +173,7 @@ class _PlainDenseStep:
     }  # fmt: skip
     dtype = jnp.dtype(c.compute_dtype)
     attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    tx = train.optimizer(train.TrainConfig(model=c, batch_size=batch, steps=total_steps))
+    tx = train.optimizer(train.TrainConfig(model=c, batch_size=batch, steps=schedule_steps))
     self.params, self.opt_state = params, tx.init(params)
     self.tokens, self.batch, self.length = tokens, batch, c.block_size
     self.count = 0
@@ -216,20 +218,42 @@ class _PlainDenseStep:
     return loss
 
 
-def make_step(mode: str, length: int, batch: int, total_steps: int, tokens, *, remat: bool, preset_name: str):
+SCHEDULE_STEPS = 10_000
+"""The learning-rate schedule's length: the timed steps are the first of a long run, still in
+its warm-up (200 steps), as a real run's would be; a schedule as short as the benchmark
+would reach the peak rate at once, and the loss spikes that follow change what the model's
+LSH buckets look like."""
+
+
+def make_step(mode: str, length: int, batch: int, schedule_steps: int, tokens, *, remat: bool, preset_name: str):
   model_config = preset(preset_name, block_size=length, remat=remat, **MODES[mode])
   if mode == "plain_dense":
     if remat:
       raise ValueError("plain_dense has no remat; leave plain_dense out of --modes with --remat")
-    return _PlainDenseStep(model_config, batch, total_steps, tokens)
-  return _TrainerStep(model_config, batch, total_steps, tokens, mode)
+    return _PlainDenseStep(model_config, batch, schedule_steps, tokens)
+  return _TrainerStep(model_config, batch, schedule_steps, tokens, mode)
+
+
+def bucket_summary(step) -> dict | None:
+  """Hash modes: the buckets of the timed model on one batch of its data, averaged over layers."""
+  trainer = getattr(step, "trainer", None)
+  if trainer is None or trainer.config.model.attention != "hash":
+    return None
+  c = trainer.config
+  windows = batches.train_batch(step.tokens, seed=c.seed, step=0, shape=(c.micro_batch,), length=c.model.block_size)
+  layers = trainer.bucket_balance(windows)
+  return {
+      "pair_share": float(np.mean([x["pair_share"] for x in layers])),
+      "max_over_mean": float(np.mean([x["max_over_mean"] for x in layers])),
+      "worst_layer_pair_share": float(max(x["pair_share"] for x in layers)),
+  }
 
 
 # ----------------------------------------------------------------------------- timing
 
 
 def bench_case(length, batch, mode, *, steps, warmup, remat, preset_name, tokens) -> dict:
-  step = make_step(mode, length, batch, warmup + steps, tokens, remat=remat, preset_name=preset_name)
+  step = make_step(mode, length, batch, SCHEDULE_STEPS, tokens, remat=remat, preset_name=preset_name)
   t0 = time.perf_counter()
   compiled = step.compiled()
   compile_s = time.perf_counter() - t0
@@ -243,6 +267,7 @@ def bench_case(length, batch, mode, *, steps, warmup, remat, preset_name, tokens
       "T": length, "batch": batch, "mode": mode, "step_ms": 1e3 * step_s, "tokens_per_s": batch * length / step_s,
       "compile_s": compile_s, "memory_gib": _memory_gib(compiled), "remat": remat,
       "losses": [float(x) for x in jax.device_get(losses)], "params": step.param_count,
+      "buckets": bucket_summary(step),
   }, step  # fmt: skip
 
 
