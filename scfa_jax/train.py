@@ -548,21 +548,23 @@ class _TrainClock:
   different modes compare by the time their steps took."""
 
   def __init__(self):
-    self.start, self.pause_s = time.perf_counter(), 0.0
+    self.start, self.pause_s, self.paused_since = time.perf_counter(), 0.0, None
 
   def elapsed_s(self) -> float:
     return time.perf_counter() - self.start
 
   def train_s(self) -> float:
-    return self.elapsed_s() - self.pause_s
+    current = 0.0 if self.paused_since is None else time.perf_counter() - self.paused_since
+    return self.elapsed_s() - self.pause_s - current
 
   @contextlib.contextmanager
   def paused(self):
-    start = time.perf_counter()
+    self.paused_since = time.perf_counter()
     try:
       yield
     finally:
-      self.pause_s += time.perf_counter() - start
+      self.pause_s += time.perf_counter() - self.paused_since
+      self.paused_since = None
 
 
 def run_info() -> dict:

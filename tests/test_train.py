@@ -150,6 +150,8 @@ def test_loss_decreases_and_a_killed_run_resumes_the_same_loss_curve(tmp_path):
   assert again == straight
   evals = [r for r in straight if r["kind"] == "eval"]
   assert [r["step"] for r in evals] == [0, 4, 8]
+  clocks = [r["train_s"] for r in train.MetricsLog.read(tmp_path / "straight/metrics.jsonl") if r["kind"] == "eval"]
+  assert 0 <= clocks[0] < 0.2 and clocks[0] < clocks[1] < clocks[2]  # no training before the first step, then growing
   assert evals[2]["val_loss"] < evals[1]["val_loss"] < evals[0]["val_loss"] - 0.2  # it learns
   assert math.isclose(evals[-1]["val_bits_per_byte"], evals[-1]["val_loss"] / math.log(2))
   assert (tmp_path / "straight/loss.png").stat().st_size > 1000
