@@ -109,7 +109,7 @@ def sparse_causal_attention(
     scale: float | None = None,
     implementation: core.Implementation | None = None,
 ) -> jax.Array:
-  """SCFA on tokens the caller already sorted (the primitive of DESIGN.md section 1).
+  """SCFA on tokens the caller already sorted (the primitive of docs/design.md).
 
   Query i may attend key j iff causal(q_idx[i], k_idx[j]) and, when hashes are given,
   q_hash[i] == k_hash[j]; causal is `>` if strict else `>=`. q_idx < 0 marks a query

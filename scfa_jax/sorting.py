@@ -1,6 +1,6 @@
 """Preprocessing in jnp: turn masks or buckets into sorted token lists.
 
-Every SCFA mode reduces to one primitive over *sorted* tokens (DESIGN.md section 1).
+Every SCFA mode reduces to one primitive over *sorted* tokens (docs/design.md).
 `SortedTokens` describes that order without moving any q, k, v data: for each
 (batch, head) it holds the permutation (which original row each sorted slot reads)
 and the per-slot causal index and bucket. Backends gather through the permutation
