@@ -59,22 +59,16 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from experiments.configs.modes import MODES as ATTENTION_MODES  # noqa: E402
 from scfa_jax import train  # noqa: E402
 from scfa_jax.data import batches, prepared  # noqa: E402
 from scfa_jax.model import GPT, GPTConfig, count_params, preset  # noqa: E402
 from scfa_jax.nn import SparseCausalSelfAttention  # noqa: E402
 
 MODES = {
-    "dense": {"attention": "dense"},
-    "hash8": {"attention": "hash", "num_buckets": 8},
-    "hash16": {"attention": "hash", "num_buckets": 16},
-    "hash32": {"attention": "hash", "num_buckets": 32},
-    "hash16_plain": {"attention": "hash", "num_buckets": 16, "center_hash": False},
-    "drop30": {"attention": "qk_drop", "drop_rate": 0.3},
-    "drop50": {"attention": "qk_drop", "drop_rate": 0.5},
-    "drop70": {"attention": "qk_drop", "drop_rate": 0.7},
-    "no_attention": {"attention": "dense"},
-    "plain_dense": {"attention": "dense"},
+    **ATTENTION_MODES,
+    "no_attention": {"attention": "dense"},  # its layers' core is swapped for out = v (_IdentityCore)
+    "plain_dense": {"attention": "dense"},  # the architecture, not this model (_PlainDenseStep)
 }
 
 

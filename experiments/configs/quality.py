@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from experiments.configs.modes import MODES
 from scfa_jax.model import preset
 from scfa_jax.train import TrainConfig
 
@@ -39,18 +40,10 @@ _BASE = TrainConfig(
     seed=0,
 )
 
-_MODES = {
-    "dense": {"attention": "dense"},
-    "hash16": {"attention": "hash", "num_buckets": 16},
-    "hash8": {"attention": "hash", "num_buckets": 8},
-    "hash32": {"attention": "hash", "num_buckets": 32},
-    "hash16_plain": {"attention": "hash", "num_buckets": 16, "center_hash": False},
-    "drop30": {"attention": "qk_drop", "drop_rate": 0.3},
-}
-
 CONFIGS = {
     f"quality_{mode}_8k": dataclasses.replace(
         _BASE, model=dataclasses.replace(_BASE.model, **fields), out_dir=f"runs/quality_{mode}_8k"
     )
-    for mode, fields in _MODES.items()
+    for mode, fields in MODES.items()
+    if mode in ("dense", "hash8", "hash16", "hash32", "hash16_plain", "drop30")
 }
