@@ -89,9 +89,9 @@ def kernel_rows(spec: str, head_dim: int, hashed: bool, maxnreg: dict | None = N
   base = dict(
       QK_SCALE=0.18,  # about 0.125 * log2(e); its value does not change the resources
       N=48, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False, PRECISION="tf32", ALIGNED=True,
-      **tiles.switches(wide_arrays=False),
+      WIDE=False, **tiles.switches,
   )  # fmt: skip
-  fwd_launch = (tiles.num_warps, tiles.num_stages, dict(SCALE_AFTER_MAX=tiles.scale_after_max))
+  fwd_launch = (tiles.num_warps, tiles.num_stages, dict(SCALE_AFTER_MAX=True))  # a positive scale
   bwd_launch = (tiles.bwd_num_warps, tiles.bwd_num_stages, dict(SM_SCALE=0.125))
   kernels = (
       ("fwd", attention.scfa_fwd, *fwd_launch),

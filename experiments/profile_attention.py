@@ -3,10 +3,10 @@
 For each case at one T (B=4, N=48, H=64, bf16 unless told), runs forward+backward of the
 public function (sort, plans, kernels) under CUPTI (through torch.profiler, which records
 every kernel in the process, JAX's and jax-triton's too) and sums GPU time per stage:
-the sort, the tile plans' kernels, the other XLA kernels (casts, copies, bucket alignment,
-and the plans themselves with `plan_kernel=0`), and each SCFA kernel. The wall time
-(do_bench median, dispatch included; and pipelined, calls back to back) is reported next
-to it, and next to cuDNN's (whose kernels count as "xla_other").
+the sort, the tile plans' kernels, the other XLA kernels (casts, copies, and the plans of
+a caller's order), and each SCFA kernel. The wall time (do_bench median, dispatch
+included; and pipelined, calls back to back) is reported next to it, and next to cuDNN's
+(whose kernels count as "xla_other").
 Tile configs (variants: a `KernelConfig` per head dim and mode) run side by side, their
 outputs checked against the first's (see `variant` for the spelling).
 
@@ -43,7 +43,7 @@ BASES = {
 
 def variant(spec: str):
   """A tile config per (head dim, hashed) from `base` or `base+field=value+...`, e.g.
-  `hash_table+num_stages=2+align_buckets=1`: a table entry with KernelConfig fields replaced."""
+  `hash_table+num_stages=2+prefetch_rows=0`: a table entry with KernelConfig fields replaced."""
   base, *overrides = spec.split("+")
   fields = {name: int(value) for name, value in (o.split("=") for o in overrides)}
   kinds = {f.name: f.type for f in dataclasses.fields(triton_backend.KernelConfig)}

@@ -5,15 +5,18 @@ constexprs pick the mask rule. Every kernel reads rows of q, k, v, dO through th
 permutation (`q_perm`, `k_perm`: rows of H contiguous elements in [B, T, N, H]) and
 stores O, dQ, dK, dV straight at the original rows, so the host never gathers,
 transposes or scatters them. Per-slot vectors (q_idx, k_idx, hashes, lse, delta) are
-head-major [B, N, LQ] / [B, N, LK] in sorted order; LQ >= T slots hold the T query rows
-and slots with perm -1 hold none (padding that aligns buckets to tiles), likewise LK >= S
-for keys. Lengths are runtime scalars, so one compiled kernel serves every length.
+head-major [B, N, LQ] / [B, N, LK] in sorted order, one slot per row: the slot counts LQ
+and LK equal the row counts T and S, and only they are declared multiples of 16 (ALIGNED).
+Slots past the end read no row. Lengths are runtime scalars, so one compiled kernel serves
+every length.
 
 Each program walks the contiguous tile range `[start, end)` that the tile plan gives
 it; only tiles outside the plan's full sub-range `[full_start, full_end)` pay for mask
 arithmetic. Either the range runs as three loops (masked, full, masked) or, with
-ONE_LOOP, as one software-pipelined loop that branches on the tile index; with PREFETCH each loop
-reads the next tile's permutation a step ahead, so the rows' copies stay in flight across steps. The log-sum-exp is kept
+ONE_LOOP, as one software-pipelined loop that branches on the tile index; with PREFETCH
+each loop reads the next tile's permutation a step ahead, so the rows' copies stay in
+flight across steps. A loop over an empty range is not entered: it would still read its
+first tile's permutation and wait for its pipeline's prologue. The log-sum-exp is kept
 in base 2 of the scaled logits; a row with no allowed key stores +inf, which turns
 every probability of the backward into exactly 0.
 """
@@ -58,8 +61,8 @@ def _row_offsets(perm_ptr, slot, in_bounds, b, n, ROWS, N: tl.constexpr, H: tl.c
   """(element offsets, holds a row) of the rows of head (b, n) that slots `slot` read
   through perm; ROWS is the length of the row axis (T or S). Offsets are 32-bit unless
   WIDE (an array of 2**31 elements or more): 64-bit math costs the inner loops about ten
-  integer instructions per gathered row. Pads (row -1) get offsets too, never dereferenced:
-  every load and store through them is masked by `holds a row`."""
+  integer instructions per gathered row. Slots past the end (row -1) get offsets too, never
+  dereferenced: every load and store through them is masked by `holds a row`."""
   row = tl.load(perm_ptr + slot, mask=in_bounds, other=-1)
   if WIDE:
     offset = ((b * ROWS + row).to(tl.int64) * N + n) * H
@@ -179,16 +182,6 @@ def _parts(start_ptr, end_ptr, full_start_ptr, full_end_ptr, tile, PART: tl.cons
 
 
 @triton.jit
-def _enters(lo, hi, SKIP_EMPTY_LOOPS: tl.constexpr):
-  """Whether a program runs the tile loop over [lo, hi): with SKIP_EMPTY_LOOPS not when it is
-  empty. Entered, an empty loop still reads its first tile's permutation and waits for its
-  pipeline's prologue: two memory latencies, paid by most QK programs (one of their three
-  parts is empty) and three times by each dropped tile's program. Without the switch the
-  condition folds to true at compile time: the loops stand as they were."""
-  return (lo < hi) | (not SKIP_EMPTY_LOOPS)
-
-
-@triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, q, q_idx, q_hash,
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
@@ -237,8 +230,7 @@ def scfa_fwd(
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr,
-    SCALE_AFTER_MAX: tl.constexpr,
+    PREFETCH: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): O and lse for BLOCK_M sorted query slots."""
   LQ = _multiple_of_16(LQ, ALIGNED)
@@ -259,7 +251,7 @@ def scfa_fwd(
   acc = tl.zeros([BLOCK_M, H], tl.float32)
   for part in tl.static_range(3 - 2 * ONE_LOOP):
     lo, hi, full_lo, full_hi = _parts(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part, ONE_LOOP)
-    if _enters(lo, hi, SKIP_EMPTY_LOOPS):
+    if lo < hi:
       acc, m_i, l_i = _fwd_tiles(
           acc, m_i, l_i, q, q_idx, q_hash,
           k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
@@ -317,7 +309,7 @@ def scfa_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
   """One program per (key tile, batch * head): dK and dV of BLOCK_N sorted key slots.
 
@@ -342,7 +334,7 @@ def scfa_bwd_dkdv(
   dv = tl.zeros([BLOCK_N, H], tl.float32)
   for part in tl.static_range(3 - 2 * ONE_LOOP):
     lo, hi, full_lo, full_hi = _parts(start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, tile, part, ONE_LOOP)
-    if _enters(lo, hi, SKIP_EMPTY_LOOPS):
+    if lo < hi:
       dk, dv = _dkdv_tiles(
           dk, dv, k, v, k_idx, k_hash,
           q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
@@ -395,7 +387,7 @@ def scfa_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr, SKIP_EMPTY_LOOPS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * head): dQ of BLOCK_M sorted query slots.
 
@@ -423,7 +415,7 @@ def scfa_bwd_dq(
   dq = tl.zeros([BLOCK_M, H], tl.float32)
   for part in tl.static_range(3 - 2 * ONE_LOOP):
     lo, hi, full_lo, full_hi = _parts(start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, tile, part, ONE_LOOP)
-    if _enters(lo, hi, SKIP_EMPTY_LOOPS):
+    if lo < hi:
       dq = _dq_tiles(
           dq, q, do, lse, delta, q_idx, q_hash,
           k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,

@@ -13,7 +13,6 @@ Index layout is head-major, [B, N, T], because sorting runs along T per (batch, 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,18 +30,18 @@ class SortedTokens:
   """Sorted order of queries and keys, per (batch, head).
 
   Attributes:
-    q_perm: int32 [B, N, LQ]; sorted query slot i holds row `q_perm[b, n, i]` of q.
+    q_perm: int32 [B, N, T]; sorted query slot i holds row `q_perm[b, n, i]` of q.
       Every row of range(T) appears exactly once per (b, n), so every row is written
-      exactly once; LQ = T, except after `align_runs`, whose extra slots hold -1 (no row).
-    k_perm: int32 [B, N, LK]; the same for the rows of k and v.
-    q_idx: int32 [B, N, LQ]; causal position of slot i, or `Q_PAD`.
-    k_idx: int32 [B, N, LK]; causal position of slot j, or `K_PAD`.
-    q_hash: int32 [B, N, LQ] bucket of slot i, or None when not hashed.
-    k_hash: int32 [B, N, LK] bucket of slot j, or None when not hashed.
+      exactly once.
+    k_perm: int32 [B, N, S]; the same for the rows of k and v.
+    q_idx: int32 [B, N, T]; causal position of slot i, or `Q_PAD`.
+    k_idx: int32 [B, N, S]; causal position of slot j, or `K_PAD`.
+    q_hash: int32 [B, N, T] bucket of slot i, or None when not hashed.
+    k_hash: int32 [B, N, S] bucket of slot j, or None when not hashed.
     ordered: static; True when, by construction, the real tokens fill the first slots in
       nondecreasing (hash, idx) order and padding follows (`by_bucket`, `by_keep_mask`),
       which lets the tile plan use binary searches. False for a caller's order
-      (`presorted`) and for `align_runs`, whose empty slots sit between the runs.
+      (`presorted`).
   """
 
   q_perm: jax.Array
@@ -127,39 +126,6 @@ def presorted(
   return SortedTokens(
       _positions(q_idx), _positions(k_idx), _head_major(q_idx), _head_major(k_idx), *hashes
   )
-
-
-def align_runs(tokens: SortedTokens, align: int, budget: int) -> SortedTokens:
-  """Hashed tokens with empty slots inserted so that each run of equal hashes starts at a
-  multiple of `align` (the kernels' tile size), as long as `budget` slots last.
-
-  Tiles then hold one bucket each: no tile straddles two buckets, so a tile's keys are
-  all or none of a query's bucket, and most tiles need no mask at all. Runs past the
-  budget keep their place unaligned, which only costs speed: the tile plan and the
-  in-tile mask are exact for any order. Inserted slots have perm -1 (no row), q_idx
-  `Q_PAD` and k_idx `K_PAD`; each side grows by `budget` slots (static shapes).
-  """
-
-  def side(perm, idx, hashes, pad):
-    length = perm.shape[-1]
-    slot = jnp.arange(length, dtype=jnp.int32)
-    starts = jnp.concatenate([jnp.zeros_like(hashes[..., :1], bool), hashes[..., 1:] != hashes[..., :-1]], -1)
-    run_start = jax.lax.cummax(jnp.where(starts, slot, 0), axis=hashes.ndim - 1)
-    # Before each run: the slots that round the previous run's length up to `align`.
-    previous_length = slot - jnp.concatenate([jnp.zeros_like(run_start[..., :1]), run_start[..., :-1]], -1)
-    gaps = jnp.where(starts, -previous_length % align, 0)
-    position = slot + jnp.minimum(jnp.cumsum(gaps, axis=-1, dtype=jnp.int32), budget)
-
-    @functools.partial(jnp.vectorize, signature="(l),(l)->(m)", excluded={2})
-    def spread(x, position, fill):  # positions rise strictly: a scatter of plain stores
-      empty = jnp.full((length + budget,), fill, x.dtype)
-      return empty.at[position].set(x, indices_are_sorted=True, unique_indices=True)
-
-    return spread(perm, position, -1), spread(idx, position, pad), spread(hashes, position, 0)
-
-  q_perm, q_idx, q_hash = side(tokens.q_perm, tokens.q_idx, tokens.q_hash, Q_PAD)
-  k_perm, k_idx, k_hash = side(tokens.k_perm, tokens.k_idx, tokens.k_hash, K_PAD)
-  return SortedTokens(q_perm, k_perm, q_idx, k_idx, q_hash, k_hash)
 
 
 def gather_rows(x: jax.Array, perm: jax.Array) -> jax.Array:

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from scfa_jax import plan as plan_lib
-from scfa_jax import sorting
 from scfa_jax.sorting import SortedTokens
 
 LOG2E = math.log2(math.e)
@@ -46,18 +45,6 @@ class KernelConfig:
   bwd_num_warps: int = 4
   bwd_num_stages: int = 2
   one_loop: bool = False  # one pipelined loop per range that branches on full tiles, not three loops
-  # Hashed tokens: pad each bucket's run to a tile boundary (sorting.align_runs). Off: its
-  # jnp work cost more than the kernels gained (results/profile_h200_16k_align.json).
-  align_buckets: bool = False
-  # Ordered tokens' plans from one launch of kernels/plan.py per view; False: plan.py's jnp
-  # searches, one small XLA kernel per step (kept to compare).
-  plan_kernel: bool = True
-  # The forward's row max taken before scaling (one multiply per row, not per score; positive
-  # scales only), and 32-bit offsets for gathered rows when no array reaches 2**31 elements
-  # (fewer integer instructions per tile, and registers: hash dQ 126 -> 102). False: as before,
-  # to compare (results/profile_h200_instruction_cuts.json: -3% of all-kept GPU time).
-  scale_after_max: bool = True
-  narrow_offsets: bool = True
   # Programs whose plan range is empty store their zero rows without reading q, k, v, dO or O:
   # QK mode's dropped tail, 70% of the rows at drop-70 (results/profile_h200_skip_empty.json).
   skip_empty_tiles: bool = True
@@ -65,9 +52,6 @@ class KernelConfig:
   # the gathered rows' copies num_stages - 1 tiles ahead; False: read in the same step, which
   # leaves no copy in flight across a step (Nsight Compute, results/ncu_h200_16k_hash64_source.json).
   prefetch_rows: bool = True
-  # Tile loops over empty ranges are not entered (kernels/attention.py, `_enters`); False:
-  # entered, to compare (results/profile_h200_skip_empty_loops.json: drop-70 -4.7 to -7.6%).
-  skip_empty_loops: bool = True
 
   @property
   def kernel_tiles(self) -> dict[str, tuple[tuple[int, int], str]]:
@@ -79,19 +63,11 @@ class KernelConfig:
         "dq": ((self.block_m2, self.block_n2), "q"),
     }
 
-  def switches(self, *, wide_arrays: bool) -> dict[str, bool]:
-    """The constexprs that this config's switches set in every attention kernel (one place,
-    for the launchers and for experiments/kernel_resources.py's builds). `wide_arrays`: some
-    array has 2**31 elements or more, so element offsets need 64 bits whatever the config."""
-    return dict(
-        ONE_LOOP=self.one_loop, WIDE=wide_arrays or not self.narrow_offsets, SKIP_EMPTY=self.skip_empty_tiles,
-        PREFETCH=self.prefetch_rows, SKIP_EMPTY_LOOPS=self.skip_empty_loops,
-    )  # fmt: skip
-
   @property
-  def align(self) -> int:
-    """The tile size every kernel's tiles divide: where bucket runs start after align_runs."""
-    return max(self.block_m, self.block_n, self.block_m1, self.block_n1, self.block_m2, self.block_n2)
+  def switches(self) -> dict[str, bool]:
+    """The constexprs that this config's switches set in every attention kernel (one place,
+    for the launchers and for experiments/kernel_resources.py's builds)."""
+    return dict(ONE_LOOP=self.one_loop, SKIP_EMPTY=self.skip_empty_tiles, PREFETCH=self.prefetch_rows)
 
 
 # H100 / H200 (sm_90); why these tiles: docs/design.md, "The tile table". Two shapes
@@ -298,22 +274,8 @@ class _Call:
   meta: dict
 
 
-def _padding_budget(length: int, align: int) -> int:
-  """Slots `align_runs` may insert: room for 64 worst-case bucket runs, at most about a
-  quarter of the length (the extra tiles are empty but still launched and planned)."""
-  return align * min(64, max(1, length // (4 * align)))
-
-
 def _tiles(config, head_dim: int, tokens: SortedTokens) -> KernelConfig:
   return config.kernel or kernel_config(config.implementation, head_dim, tokens.hashed)
-
-
-def _aligned(config, q, tokens: SortedTokens) -> SortedTokens:
-  tiles = _tiles(config, q.shape[-1], tokens)
-  if not (tokens.hashed and tiles.align_buckets):
-    return tokens
-  length = max(tokens.q_perm.shape[-1], tokens.k_perm.shape[-1])
-  return sorting.align_runs(tokens, tiles.align, _padding_budget(length, tiles.align))
 
 
 def _hashes(tokens: SortedTokens) -> tuple[jax.Array, jax.Array]:
@@ -328,11 +290,12 @@ def _call(config, q, k, tokens: SortedTokens) -> _Call:
       QK_SCALE=config.scale * LOG2E, N=n, H=h, HASHED=tokens.hashed, STRICT=config.strict,
       CHECK_PADS=not tokens.ordered,  # our sorts' positions lie in [0, T): pads fail the causal test
       PRECISION="ieee" if q.dtype == jnp.float32 else "tf32",
+      WIDE=max(q.size, k.size) >= 2**31,  # 64-bit element offsets; 32-bit ones cost fewer instructions
   )  # fmt: skip
   lengths = (t, k.shape[1], tokens.q_perm.shape[-1], tokens.k_perm.shape[-1])  # rows, then slots
   tiles = _tiles(config, h, tokens)
   meta["ALIGNED"] = all(x % 16 == 0 for x in lengths)
-  meta |= tiles.switches(wide_arrays=max(q.size, k.size) >= 2**31)
+  meta |= tiles.switches
   indices = (tokens.q_perm, tokens.k_perm, tokens.q_idx, tokens.k_idx, *hashes)
   return _Call(tiles, b * n, indices, lengths, meta)
 
@@ -380,11 +343,11 @@ def plan_view(implementation, tokens: SortedTokens, block_q: int, block_k: int, 
 def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
   """The forward plan, and with `backward` the dQ and dK/dV plans too, each with the one
   view its kernel reads. Ordered tokens take one plan kernel launch per distinct view;
-  other orders (or `plan_kernel=False`) plan.py's jnp."""
+  other orders plan.py's jnp."""
   tiles = _tiles(config, q.shape[-1], tokens)
   kernels = ("fwd", "dkdv", "dq") if backward else ("fwd",)  # `Plans`' field order
   shapes, views = zip(*(tiles.kernel_tiles[k] for k in kernels))
-  if not (tokens.ordered and tiles.plan_kernel):
+  if not tokens.ordered:
     plans = plan_lib.make_plans(tokens, shapes, strict=config.strict, views=views)
   else:
     built = {}
@@ -398,10 +361,9 @@ def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Residuals:
-  """What the backward needs from the forward besides q, k, v, O: the kernels' tokens
-  (bucket-aligned when the tiles ask for it), the plans and the base-2 lse per slot."""
+  """What the backward needs from the forward besides q, k, v, O and the tokens: the plans
+  and the base-2 lse per slot."""
 
-  tokens: SortedTokens
   plans: Plans
   lse: jax.Array
 
@@ -416,7 +378,7 @@ def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
       out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
       num_warps=c.tiles.num_warps, num_stages=c.tiles.num_stages,
       BLOCK_M=c.tiles.block_m, BLOCK_N=c.tiles.block_n,
-      SCALE_AFTER_MAX=c.tiles.scale_after_max and config.scale > 0, **c.meta,
+      SCALE_AFTER_MAX=config.scale > 0, **c.meta,
   )  # fmt: skip
 
 
@@ -454,15 +416,13 @@ def dkdv_kernel(config, q, k, v, tokens, lse, delta, do, plan: plan_lib.TilePlan
 
 def forward(config, q, k, v, tokens: SortedTokens, *, differentiating: bool = False):
   """O [B, T, N, H] and the `Residuals`; the backward's plans are built only when `differentiating`."""
-  tokens = _aligned(config, q, tokens)
   plans = make_plans(config, q, tokens, backward=differentiating)
   o, lse = fwd_kernel(config, q, k, v, tokens, plans.fwd)
-  return o, Residuals(tokens, plans, lse)
+  return o, Residuals(plans, lse)
 
 
 def backward(config, q, k, v, tokens: SortedTokens, o, residuals: Residuals, do):
-  del tokens  # the kernels' own tokens are in the residuals
-  tokens, plans = residuals.tokens, residuals.plans
+  plans = residuals.plans
   dq, delta = dq_kernel(config, q, k, v, tokens, o, residuals.lse, do, plans.dq)
   dk, dv = dkdv_kernel(config, q, k, v, tokens, residuals.lse, delta, do, plans.dkdv)
   return dq, dk, dv

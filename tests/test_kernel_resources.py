@@ -32,19 +32,29 @@ def test_programs_per_sm():
 
 def test_each_switch_sets_its_own_constexpr():
   """KernelConfig.switches, which the launchers and kernel_resources.py's builds share:
-  flipping one field flips exactly its constexpr, and wide arrays force 64-bit offsets."""
+  flipping one field flips exactly its constexpr."""
   import dataclasses  # noqa: PLC0415
 
   from scfa_jax import triton_backend  # noqa: PLC0415
 
   table = triton_backend.kernel_config("triton", 64, False)
-  base = table.switches(wide_arrays=False)
-  fields = {
-      "one_loop": "ONE_LOOP", "narrow_offsets": "WIDE", "skip_empty_tiles": "SKIP_EMPTY",
-      "prefetch_rows": "PREFETCH", "skip_empty_loops": "SKIP_EMPTY_LOOPS",
-  }  # fmt: skip
+  base = table.switches
+  fields = {"one_loop": "ONE_LOOP", "skip_empty_tiles": "SKIP_EMPTY", "prefetch_rows": "PREFETCH"}
   assert set(base) == set(fields.values())
   for field, constexpr in fields.items():
-    flipped = dataclasses.replace(table, **{field: not getattr(table, field)}).switches(wide_arrays=False)
+    flipped = dataclasses.replace(table, **{field: not getattr(table, field)}).switches
     assert {name for name in base if flipped[name] != base[name]} == {constexpr}, field
-  assert not base["WIDE"] and table.switches(wide_arrays=True)["WIDE"]
+
+
+def test_every_switch_takes_both_values_in_the_tile_table():
+  """A switch that no table entry turns is dead code in the kernels: the table must use both
+  settings of each one (on GPUs or in the interpreter)."""
+  import dataclasses  # noqa: PLC0415
+
+  from scfa_jax import triton_backend  # noqa: PLC0415
+
+  entries = [*triton_backend._GPU_CONFIGS.values(), *triton_backend._INTERPRET_CONFIGS.values()]
+  switches = [f.name for f in dataclasses.fields(triton_backend.KernelConfig) if f.type in (bool, "bool")]
+  assert switches == ["one_loop", "skip_empty_tiles", "prefetch_rows"]
+  for name in switches:
+    assert {getattr(entry, name) for entry in entries} == {False, True}, name

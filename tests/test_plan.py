@@ -71,8 +71,6 @@ def _token_cases(draw):
     tokens = sorting.by_bucket(
         jnp.asarray(rng.integers(0, nb, (b, t, n))), jnp.asarray(rng.integers(0, nb, (b, s, n)))
     )
-    if draw(st.booleans()):  # bucket runs padded to tile boundaries, as the Triton backend does
-      tokens = sorting.align_runs(tokens, draw(st.sampled_from([4, 8, 16])), draw(st.sampled_from([4, 16, 64])))
   elif mode == "qk":
     rate = draw(st.sampled_from([0.0, 0.3, 0.9, 1.0]))
     tokens = sorting.by_keep_mask(
@@ -155,64 +153,6 @@ def test_by_bucket_order_does_not_depend_on_the_bucket_dtype(dtype):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     assert a.dtype == b.dtype == jnp.int32
     np.testing.assert_array_equal(a, b)
-
-
-def _expected_run_starts(hashes, align, budget):
-  """Where align_runs should put each run of equal hashes: a plain loop over the runs."""
-  starts = np.flatnonzero(np.diff(hashes, prepend=hashes[0] - 1))
-  lengths = np.diff(np.append(starts, len(hashes)))
-  inserted, wanted, out = 0, 0, []
-  for j, start in enumerate(starts):
-    if j:
-      wanted += -lengths[j - 1] % align
-      inserted = min(wanted, budget)
-    out.append((start + inserted, wanted <= budget))  # (slot, aligned for sure)
-  return out
-
-
-def test_align_runs_keeps_the_order_and_aligns_runs_within_the_budget():
-  rng = np.random.default_rng(5)
-  qb, kb = jnp.asarray(rng.integers(0, 6, (2, 150, 3))), jnp.asarray(rng.integers(0, 6, (2, 120, 3)))
-  tokens = sorting.by_bucket(qb, kb)
-  for budget in (16, 48, 256):
-    aligned = sorting.align_runs(tokens, 16, budget)
-    for side, length, pad in (("q", 150, sorting.Q_PAD), ("k", 120, sorting.K_PAD)):
-      perm, idx, hashes = (np.asarray(getattr(aligned, f"{side}_{x}")) for x in ("perm", "idx", "hash"))
-      assert perm.shape == (2, 3, length + budget)
-      held = perm >= 0
-      assert np.all(idx[~held] == pad)  # empty slots are padding
-      for b, n in np.ndindex(2, 3):
-        # The slots that hold rows, in order, are exactly the unaligned order.
-        np.testing.assert_array_equal(perm[b, n][held[b, n]], getattr(tokens, f"{side}_perm")[b, n])
-        np.testing.assert_array_equal(idx[b, n][held[b, n]], getattr(tokens, f"{side}_idx")[b, n])
-        unaligned_hash = np.asarray(getattr(tokens, f"{side}_hash")[b, n])
-        np.testing.assert_array_equal(hashes[b, n][held[b, n]], unaligned_hash)
-        slots = np.flatnonzero(held[b, n])
-        for (want, surely_aligned), got in zip(
-            _expected_run_starts(unaligned_hash, 16, budget),
-            slots[np.flatnonzero(np.diff(unaligned_hash, prepend=unaligned_hash[0] - 1))],
-            strict=True,
-        ):
-          assert got == want
-          assert got % 16 == 0 or not surely_aligned
-      if budget == 256:  # room for every run
-        assert all(ok for b, n in np.ndindex(2, 3) for _, ok in _expected_run_starts(
-            np.asarray(getattr(tokens, f"{side}_hash")[b, n]), 16, budget))  # fmt: skip
-
-
-def test_aligned_tiles_hold_one_bucket_and_are_mostly_full():
-  rng = np.random.default_rng(6)
-  buckets = jnp.asarray(rng.integers(0, 4, (1, 512, 2)))
-  tokens = sorting.by_bucket(buckets, buckets)
-  aligned = sorting.align_runs(tokens, 32, 256)
-  plan, *_ = _check_plan(aligned, 32, 32, False)
-  plain, *_ = _check_plan(tokens, 32, 32, False)
-  h, held = np.asarray(aligned.q_hash).reshape(1, 2, -1, 32), np.asarray(aligned.q_perm).reshape(1, 2, -1, 32) >= 0
-  for tile_hash, tile_held in zip(h.reshape(-1, 32), held.reshape(-1, 32), strict=True):
-    assert len(set(tile_hash[tile_held])) <= 1  # no tile straddles two buckets
-  full = lambda p: int(np.sum(np.asarray(p.to_dense()) == plan_lib.FULL))
-  masked = lambda p: int(np.sum(np.asarray(p.to_dense()) == plan_lib.MASKED))
-  assert full(plan) > full(plain) and masked(plan) < masked(plain)
 
 
 def test_by_keep_mask_compacts_in_time_order_with_pads():

@@ -41,26 +41,6 @@ def test_hash(t, s, strict):
   )  # fmt: skip
 
 
-def test_hash_with_bucket_alignment():
-  """KernelConfig(align_buckets=True): empty slots (perm -1) pad bucket runs to tile boundaries."""
-  import dataclasses  # noqa: PLC0415
-
-  from scfa_jax import core, sorting, triton_backend  # noqa: PLC0415
-
-  key = jax.random.PRNGKey(11)
-  b, t, s, n = 2, 70, 53, 2
-  q, k, v = _qkv(key, b, t, s, n, H)
-  qb, kb = _buckets(jax.random.fold_in(key, 1), (b, t, n), 3), _buckets(jax.random.fold_in(key, 2), (b, s, n), 3)
-  tiles = dataclasses.replace(triton_backend.kernel_config(IMPL, H, True), align_buckets=True)
-  config = core.AttentionConfig(implementation=IMPL, strict=True, scale=H**-0.5, kernel=tiles)
-  assert triton_backend._aligned(config, q, sorting.by_bucket(qb, kb)).q_perm.shape[-1] > t  # empty slots
-  _check_against(
-      lambda q, k, v: core.attention(q, k, v, sorting.by_bucket(qb, kb), config),
-      functools.partial(reference.hash_sparse_attention, q_buckets=qb, k_buckets=kb, strict=True),
-      (q, k, v), jnp.float32, key,
-  )  # fmt: skip
-
-
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3, 0.9, 1.0])
 def test_qk_drop(drop_rate):
   key = jax.random.PRNGKey(int(drop_rate * 10))
@@ -106,12 +86,13 @@ def _with_table_fields(q, k, v, tokens, cotangent, table, **fields):
 
 
 @pytest.mark.parametrize("hashed", [False, True])
-def test_row_addressing_and_scale_order_switches(hashed):
-  """KernelConfig's narrow_offsets (32-bit row offsets) and prefetch_rows (each tile loop
-  reads the next tile's permutation a step ahead) change only how rows are addressed:
-  outputs and gradients equal the 64-bit offsets' and the same-step reads' bit for bit.
-  scale_after_max changes where the forward scales the scores: equal to float32 rounding."""
-  from scfa_jax import sorting, triton_backend  # noqa: PLC0415
+def test_row_addressing_changes_no_bit(hashed, monkeypatch):
+  """prefetch_rows (each tile loop reads the next tile's permutation a step ahead) and the
+  64-bit row offsets of arrays with 2**31 elements or more (WIDE, forced here on small ones)
+  change only how rows are addressed: outputs and gradients equal the table's bit for bit."""
+  import dataclasses  # noqa: PLC0415
+
+  from scfa_jax import core, sorting, triton_backend  # noqa: PLC0415
 
   key = jax.random.PRNGKey(12)
   b, t, n = 2, 83, 2
@@ -125,22 +106,32 @@ def test_row_addressing_and_scale_order_switches(hashed):
   cotangent = jax.random.normal(key, q.shape)
 
   run = functools.partial(_with_table_fields, q, k, v, tokens, cotangent, table)
-  assert table.narrow_offsets and table.scale_after_max and table.prefetch_rows
+  assert table.prefetch_rows
   default = run()
-  for switch in ("narrow_offsets", "prefetch_rows"):
-    for got, want in zip(run(**{switch: False}), default, strict=True):
-      np.testing.assert_array_equal(got, want)
-  for got, want in zip(run(scale_after_max=False), default, strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for got, want in zip(run(prefetch_rows=False), default, strict=True):
+    np.testing.assert_array_equal(got, want)
+
+  config = core.AttentionConfig(implementation=IMPL, strict=False, scale=H**-0.5)
+  big = jax.ShapeDtypeStruct((1, 2**16, 1, 2**15), jnp.float32)  # 2**31 elements
+  assert not triton_backend._call(config, q, k, tokens).meta["WIDE"]
+  assert triton_backend._call(config, big, k, tokens).meta["WIDE"]
+  call = triton_backend._call
+
+  def wide(*args):
+    shared = call(*args)
+    return dataclasses.replace(shared, meta=shared.meta | {"WIDE": True})
+
+  monkeypatch.setattr(triton_backend, "_call", wide)
+  for got, want in zip(run(), default, strict=True):
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("hashed", [False, True])
 def test_empty_tiles_store_zeros_without_reading_rows(hashed):
   """skip_empty_tiles: a program whose plan range is empty stores zero rows without reading
-  q, k, v, dO or O; skip_empty_loops: no tile loop is entered over an empty range. Most
-  tiles are empty here (QK: 85% dropped and a head with nothing kept; hashed: queries in
-  buckets that hold no key). Outputs and gradients equal those of reading the rows and
-  entering every loop, bit for bit, and the reference."""
+  q, k, v, dO or O. Most tiles are empty here (QK: 85% dropped and a head with nothing kept;
+  hashed: queries in buckets that hold no key). Outputs and gradients equal those of reading
+  the rows, bit for bit, and the reference, both with the table's setting and the other."""
   from scfa_jax import core, sorting, triton_backend  # noqa: PLC0415
 
   key = jax.random.PRNGKey(21)
@@ -162,11 +153,10 @@ def test_empty_tiles_store_zeros_without_reading_rows(hashed):
   cotangent = jax.random.normal(key, q.shape)
 
   run = functools.partial(_with_table_fields, q, k, v, tokens, cotangent, table)
-  assert table.skip_empty_loops and table.skip_empty_tiles
+  assert table.skip_empty_tiles
   default = run()
-  for switch in ("skip_empty_tiles", "skip_empty_loops"):
-    for got, want_bits in zip(run(**{switch: False}), default, strict=True):
-      np.testing.assert_array_equal(got, want_bits)
+  for got, want_bits in zip(run(skip_empty_tiles=False), default, strict=True):
+    np.testing.assert_array_equal(got, want_bits)
   want, vjp = jax.vjp(oracle, q, k, v)
   for i, (got, want) in enumerate(zip(default, (want, *vjp(cotangent)), strict=True)):
     _close(got, want, jnp.float32, factor=1.0 if i == 0 else 2.0)
@@ -245,22 +235,9 @@ def test_interpret_rejects_bfloat16_and_odd_head_dims():
     scfa_jax.qk_sparse_attention(q, q, q, q_keep=keep, k_keep=keep, implementation=IMPL)
 
 
-def _per_row(x, perm, rows):
-  """Per-slot values [B, N, L] -> per original row [B, N, rows] (slots with perm -1 hold none)."""
-  x, perm = np.asarray(x), np.asarray(perm)
-  out = np.full(perm.shape[:2] + (rows,), np.nan)
-  for b, n in np.ndindex(*perm.shape[:2]):
-    held = perm[b, n] >= 0
-    out[b, n, perm[b, n][held]] = x[b, n][held]
-  return out
-
-
 @pytest.mark.parametrize("strict", [False, True])
 def test_backend_forward_and_lse_match_xla_backend(strict):
-  """The intermediates: O at original rows and the lse per row (ours in base 2, xla's natural).
-  Ours has bucket-aligned slots here (sorting.align_runs), so compare per original row."""
-  import dataclasses  # noqa: PLC0415
-
+  """The intermediates: O at original rows and the lse per sorted slot (ours in base 2, xla's natural)."""
   from scfa_jax import core, sorting, triton_backend, xla  # noqa: PLC0415
 
   key = jax.random.PRNGKey(8)
@@ -269,18 +246,17 @@ def test_backend_forward_and_lse_match_xla_backend(strict):
   tokens = sorting.by_bucket(
       _buckets(jax.random.fold_in(key, 1), (b, t, n), 3), _buckets(jax.random.fold_in(key, 2), (b, s, n), 3)
   )
-  tiles = dataclasses.replace(triton_backend.kernel_config(IMPL, H, True), align_buckets=True)
-  config = lambda impl, tiles=None: core.AttentionConfig(implementation=impl, strict=strict, scale=0.25, kernel=tiles)
-  o, saved = triton_backend.forward(config(IMPL, tiles), q, k, v, tokens)
+  config = lambda impl: core.AttentionConfig(implementation=impl, strict=strict, scale=0.25)
+  o, saved = triton_backend.forward(config(IMPL), q, k, v, tokens)
   assert saved.plans.dq is None and saved.plans.dkdv is None  # not differentiating: forward plan only
-  both = triton_backend.forward(config(IMPL, tiles), q, k, v, tokens, differentiating=True)[1].plans
+  both = triton_backend.forward(config(IMPL), q, k, v, tokens, differentiating=True)[1].plans
   assert both.dq.start_n is not None and both.dkdv.start_m is not None
   o_xla, lse_xla = xla.forward(config("xla"), q, k, v, tokens)
   np.testing.assert_allclose(np.asarray(o), np.asarray(o_xla), atol=1e-5, rtol=1e-5)
-  lse, aligned = saved.lse, saved.tokens
-  assert aligned.q_perm.shape[-1] > t  # the test covers padded slots
-  lse, lse_xla = _per_row(lse, aligned.q_perm, t), _per_row(lse_xla, tokens.q_perm, t)
+  lse, lse_xla = np.asarray(saved.lse), np.asarray(lse_xla)
+  assert lse.shape == lse_xla.shape == (b, n, t)
   empty = np.isinf(lse_xla)
+  assert 0 < empty.sum() < empty.size  # rows with keys and rows without
   assert np.array_equal(np.isinf(lse), empty)
   np.testing.assert_allclose(lse[~empty] * np.log(2.0), lse_xla[~empty], atol=1e-5, rtol=1e-5)
 
@@ -307,9 +283,8 @@ def test_plan_kernel_matches_the_jnp_plan(strict):
 def test_backend_plans_from_the_kernel_equal_the_jnp_plans(hashed):
   """triton_backend.make_plans: the plan kernel (one launch per distinct view, the forward's
   plan reused where dQ's tiles are the same) and the jnp searches give the same three plans."""
-  import dataclasses  # noqa: PLC0415
-
   from scfa_jax import core, sorting, triton_backend  # noqa: PLC0415
+  from scfa_jax import plan as plan_lib  # noqa: PLC0415
 
   rng = np.random.default_rng(3)
   b, t, s, n = 2, 75, 75, 2
@@ -319,16 +294,13 @@ def test_backend_plans_from_the_kernel_equal_the_jnp_plans(hashed):
     tokens = sorting.by_keep_mask(jnp.asarray(rng.random((b, t, n)) < 0.6), jnp.asarray(rng.random((b, s, n)) < 0.6))
   q = jnp.zeros((b, t, n, H), jnp.float32)
   table = triton_backend.kernel_config(IMPL, H, hashed)
+  kernels = ("fwd", "dkdv", "dq")  # triton_backend.Plans' field order
+  shapes, views = zip(*(table.kernel_tiles[name] for name in kernels))
   for strict in (False, True):
-    plans = [
-        triton_backend.make_plans(
-            core.AttentionConfig(
-                implementation=IMPL, strict=strict, scale=1.0, kernel=dataclasses.replace(table, plan_kernel=on)
-            ),
-            q, tokens, backward=True,
-        )  # fmt: skip
-        for on in (True, False)
-    ]
-    assert jax.tree.structure(plans[0]) == jax.tree.structure(plans[1])
-    for a, want in zip(jax.tree.leaves(plans[0]), jax.tree.leaves(plans[1]), strict=True):
-      np.testing.assert_array_equal(a, want)
+    config = core.AttentionConfig(implementation=IMPL, strict=strict, scale=1.0)
+    got = triton_backend.make_plans(config, q, tokens, backward=True)
+    want = plan_lib.make_plans(tokens, shapes, strict=strict, views=views)
+    for name, plan in zip(kernels, want, strict=True):
+      assert jax.tree.structure(getattr(got, name)) == jax.tree.structure(plan), name
+      for a, b in zip(jax.tree.leaves(getattr(got, name)), jax.tree.leaves(plan), strict=True):
+        np.testing.assert_array_equal(a, b)
