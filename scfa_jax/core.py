@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 from typing import Any, Literal
 
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
+from scfa_jax import triton_backend, xla  # neither imports triton or jax_triton before a launch
 from scfa_jax.sorting import SortedTokens
 
 Implementation = Literal["xla", "triton", "interpret"]
@@ -39,15 +39,11 @@ class AttentionConfig:
   kernel: Any = None  # triton_backend.KernelConfig overriding the tile table (benchmarks); None: the table
 
 
-_BACKEND_MODULES = {
-    "xla": "scfa_jax.xla",
-    "triton": "scfa_jax.triton_backend",
-    "interpret": "scfa_jax.triton_backend",
-}
+_BACKENDS = {"xla": xla, "triton": triton_backend, "interpret": triton_backend}
 
 
 def _backend(config: AttentionConfig):
-  return importlib.import_module(_BACKEND_MODULES[config.implementation])
+  return _BACKENDS[config.implementation]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -192,7 +192,7 @@ def default_available(q: jax.Array) -> bool:
   try:
     _jax_triton()
   except ImportError as e:
-    _warn_xla_on_gpu(f"jax-triton could not be imported ({e})")
+    _warn_xla_on_gpu(f"jax-triton could not be imported ({e}; pip install 'scfa-jax[gpu]')")
     return False
   return True
 
@@ -230,7 +230,9 @@ def check_supported(implementation: str, q: jax.Array) -> None:
   try:
     _jax_triton()
   except ImportError as e:
-    raise ValueError(f"implementation='triton' needs jax-triton, which failed to import: {e}") from e
+    raise ValueError(
+        f"implementation='triton' needs jax-triton (pip install 'scfa-jax[gpu]'), which failed to import: {e}"
+    ) from e
 
 
 def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps, num_stages, **meta):
