@@ -41,12 +41,32 @@ def main(argv: list[str]) -> Path:
   if name is None:
     sys.exit("error: --config=NAME is required (the run to sample from, e.g. --config=mnist_hash8)")
   config = configs.apply_overrides(configs.get(name), overrides)
-
-  from scfa_jax.data import mnist  # noqa: PLC0415
-
-  out = mnist.sample_grid_from_run(config, path, num=num, seed=seed)
+  out = sample_grid_from_run(config, path, num=num, seed=seed)
   print(f"samples: {out}")
   return out
+
+
+def sample_grid_from_run(config, path: str | None = None, *, num: int = 16, seed: int = 0) -> Path:
+  """Restores the last checkpoint of a finished (or running) MNIST run and saves a grid of samples.
+
+  config: the run's `scfa_jax.train.TrainConfig`; path defaults to out_dir/samples.png.
+  """
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from scfa_jax import train  # noqa: PLC0415
+  from scfa_jax.data import mnist  # noqa: PLC0415
+
+  trainer = train.Trainer.create(config)
+  checkpoints = train.Checkpoints(Path(config.out_dir) / "checkpoints")
+  step = checkpoints.latest_step()
+  if step is None:
+    sys.exit(f"error: no checkpoint in {config.out_dir}/checkpoints: train the run first")
+  trainer.state = checkpoints.restore(step, trainer.state)
+  checkpoints.close()
+  images = mnist.sample(trainer.model(), num=num, key=jax.random.key(seed))
+  path = Path(config.out_dir) / "samples.png" if path is None else path
+  return mnist.save_grid(np.asarray(jax.device_get(images)), path, title=f"{Path(config.out_dir).name}, step {step}")
 
 
 def _from_text(samples: Path, path: str | None) -> Path:

@@ -3,6 +3,8 @@
     python experiments/train_lm.py                              # stdlib_demo, ~5 min on 2 CPU cores
     python experiments/train_lm.py --config=gpt122m_hash16      # the paper's 122M model (GPU)
     python experiments/train_lm.py --steps=50 --model.num_buckets=8 --out_dir=runs/try
+    python experiments/train_lm.py --config=gpt122m_hash16 --print_config   # the settings, as JSON
+    python experiments/train_lm.py --list_configs                           # every config, as JSON
 
 Run configs live in experiments/configs/ (see its docstring); `--key=value` overrides
 any field. Several processes (hosts): start one per host with
@@ -14,6 +16,8 @@ resumes from the last checkpoint in out_dir.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -25,19 +29,30 @@ LAUNCH_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
 
 def main(argv: list[str]) -> dict:
-  name, launch, overrides = configs.DEFAULT, {}, []
+  name, launch, overrides, print_config = configs.DEFAULT, {}, [], False
   for arg in argv:
     key, _, value = arg.removeprefix("--").partition("=")
     if arg in ("-h", "--help"):
       print(__doc__ + "\nconfigs: " + ", ".join(sorted(configs.all_configs())))
       sys.exit(0)
-    if key == "config":
+    if arg == "--list_configs":
+      print(json.dumps({n: dataclasses.asdict(c) for n, c in sorted(configs.all_configs().items())}, indent=2))
+      sys.exit(0)
+    if arg == "--print_config":
+      print_config = True
+    elif key == "config":
       name = value
     elif key in LAUNCH_FLAGS:
       launch[key] = value
     else:
       overrides.append(arg)
-  config = configs.apply_overrides(configs.get(name), overrides)
+  try:
+    config = configs.apply_overrides(configs.get(name), overrides)
+  except ValueError as error:  # an unknown config or field, or a value of the wrong type
+    sys.exit(f"error: {error}")
+  if print_config:
+    print(json.dumps(dataclasses.asdict(config), indent=2))
+    sys.exit(0)
 
   from scfa_jax import train  # noqa: PLC0415  (after parsing: --help stays instant)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 import zipfile
 from pathlib import Path
 from typing import ClassVar
@@ -19,9 +18,7 @@ import pytest
 import zstandard
 
 from scfa_jax.data import batches, enwik8, mnist, openwebtext2, prepared
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.scripts import run_script
 
 
 # ----------------------------------------------------------------------------- enwik8
@@ -64,12 +61,9 @@ def test_enwik8_prepared_folder_is_skipped_and_size_is_checked(tmp_path, enwik8_
 
 
 def test_enwik8_missing_file_says_what_to_download(tmp_path):
-  from experiments import prepare_enwik8
-
-  with pytest.raises(SystemExit) as exit_info:
-    prepare_enwik8.main(["--input", str(tmp_path / "missing.zip"), "--out", str(tmp_path / "out")])
-  message = str(exit_info.value.code)
-  assert enwik8.URL in message and "--input" in message and "missing.zip" in message
+  failed = run_script("prepare_enwik8.py", "--input", str(tmp_path / "missing.zip"), "--out", str(tmp_path / "out"),
+                      fails=True)  # fmt: skip
+  assert enwik8.URL in failed.stderr and "--input" in failed.stderr and "missing.zip" in failed.stderr
 
 
 # ----------------------------------------------------------------------------- OpenWebText2
@@ -177,11 +171,9 @@ def test_openwebtext2_refuses_other_settings_in_a_half_done_folder(tmp_path):
 
 
 def test_openwebtext2_missing_input_and_missing_bpe_give_one_clear_message(tmp_path):
-  from experiments import prepare_openwebtext2
-
-  with pytest.raises(SystemExit) as exit_info:
-    prepare_openwebtext2.main(["--input", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
-  assert "openwebtext2.jsonl.zst.tar" in str(exit_info.value.code) and "tar xf" in str(exit_info.value.code)
+  failed = run_script("prepare_openwebtext2.py", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "out"),
+                      fails=True)  # fmt: skip
+  assert "openwebtext2.jsonl.zst.tar" in failed.stderr and "tar xf" in failed.stderr
   with pytest.raises(FileNotFoundError, match="vocab.bpe"):
     openwebtext2.gpt2_encoding(bpe_dir=tmp_path)
   (tmp_path / "vocab.bpe").write_text("#version: 0.2\nĠ t\n")
@@ -264,8 +256,7 @@ def test_mnist_grid_png(tmp_path):
 
 
 def test_mnist_trains_end_to_end_on_tfds_mock_data(mock_mnist, tmp_path):
-  from experiments import configs
-  from scfa_jax import train
+  from scfa_jax import train  # noqa: PLC0415
 
   tiny = [
     "--n_layer=1",
@@ -277,31 +268,30 @@ def test_mnist_trains_end_to_end_on_tfds_mock_data(mock_mnist, tmp_path):
   ]
   run = ["--steps=3", "--batch_size=4", "--grad_accum=2", "--eval_every=3", "--eval_batches=1", "--log_every=1",
          "--checkpoint_every=3", "--sample_tokens=0", f"--data={mock_mnist}", f"--out_dir={tmp_path / 'run'}"]  # fmt: skip
-  config = configs.apply_overrides(configs.get("mnist_hash8"), tiny + run)
-  summary = train.train(config, progress=False)
-  assert summary["step"] == 3 and np.isfinite(summary["val_loss"])
-  assert summary["val_loss"] < np.log(257) + 0.5  # about uniform over pixel values at init, not diverged
-  assert "val_bits_per_dim" in summary
-  png = mnist.sample_grid_from_run(config, tmp_path / "s.png", num=4)
-  assert png.read_bytes()[:4] == b"\x89PNG"
+  run_script("train_lm.py", "--config=mnist_hash8", *tiny, *run)
+  evals = [r for r in train.MetricsLog.read(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+  assert evals[-1]["step"] == 3 and np.isfinite(evals[-1]["val_loss"])
+  assert evals[-1]["val_loss"] < np.log(257) + 0.5  # about uniform over pixel values at init, not diverged
+  assert evals[-1]["val_bits_per_dim"] == pytest.approx(evals[-1]["val_loss"] / np.log(2))
+  done = run_script("sample_mnist.py", "--config=mnist_hash8", *tiny, *run, f"--png={tmp_path / 's.png'}", "--num=4")
+  assert done.stdout.strip() == f"samples: {tmp_path / 's.png'}"
+  assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ----------------------------------------------------------------------------- paper configs
 
 
 def test_paper_configs_match_the_paper():
-  from experiments import configs
-
-  found = configs.all_configs()
+  found = json.loads(run_script("train_lm.py", "--list_configs").stdout)
   lm = {n: c for n, c in found.items() if n.startswith("owt2_")}
   assert sorted(lm) == sorted(
     [f"owt2_{a}_{t}" for a in ("dense", "hash8", "hash16", "hash32") for t in ("8k", "16k")]
     + [f"owt2_drop{p}_8k" for p in (30, 50, 70)]
   )
   for name, c in lm.items():
-    m = c.model
-    assert (m.n_layer, m.n_embd, m.n_head, m.vocab_size, m.shared_qk) == (12, 768, 12, 50304, True), name
-    assert (c.steps, c.lr, c.warmup_frac, c.min_lr_frac, c.b2, c.weight_decay) == (
+    m = c["model"]
+    assert (m["n_layer"], m["n_embd"], m["n_head"], m["vocab_size"], m["shared_qk"]) == (12, 768, 12, 50304, True)
+    assert (c["steps"], c["lr"], c["warmup_frac"], c["min_lr_frac"], c["b2"], c["weight_decay"]) == (
       15000,
       1e-3,
       0.02,
@@ -309,19 +299,17 @@ def test_paper_configs_match_the_paper():
       0.95,
       0.1,
     )
-    assert (m.block_size, c.batch_size) == ((8192, 64) if name.endswith("_8k") else (16384, 30)), name
-    assert c.data == "runs/data/openwebtext2" and c.out_dir == f"runs/{name}"
-  assert lm["owt2_hash32_16k"].model.num_buckets == 32 and lm["owt2_dense_8k"].model.attention == "dense"
-  assert (lm["owt2_drop70_8k"].model.attention, lm["owt2_drop70_8k"].model.drop_rate) == ("qk_drop", 0.7)
+    assert (m["block_size"], c["batch_size"]) == ((8192, 64) if name.endswith("_8k") else (16384, 30)), name
+    assert c["data"] == "runs/data/openwebtext2" and c["out_dir"] == f"runs/{name}"
+  assert lm["owt2_hash32_16k"]["model"]["num_buckets"] == 32 and lm["owt2_dense_8k"]["model"]["attention"] == "dense"
+  assert (lm["owt2_drop70_8k"]["model"]["attention"], lm["owt2_drop70_8k"]["model"]["drop_rate"]) == ("qk_drop", 0.7)
   enwik = found["enwik8_hash8_4k"]
-  assert (enwik.model.vocab_size, enwik.model.block_size, enwik.data) == (256, 4096, "runs/data/enwik8")
-  image = found["mnist_hash8"]
-  assert image.model.block_size + 1 == mnist.RECORD_LENGTH and image.model.vocab_size == mnist.VOCAB_SIZE
+  assert (enwik["model"]["vocab_size"], enwik["model"]["block_size"], enwik["data"]) == (256, 4096, "runs/data/enwik8")
+  image = found["mnist_hash8"]["model"]
+  assert image["block_size"] + 1 == mnist.RECORD_LENGTH and image["vocab_size"] == mnist.VOCAB_SIZE
 
 
 def test_mnist_from_idx_files_without_tfds(tmp_path):
-  from experiments import prepare_mnist
-
   rng = np.random.default_rng(0)
   images = {
     "train": rng.integers(0, 256, (5, 28, 28), np.uint8),
@@ -330,22 +318,19 @@ def test_mnist_from_idx_files_without_tfds(tmp_path):
   for split, stem in mnist.IDX_FILES.items():
     header = np.array([2051, len(images[split]), 28, 28], ">u4").tobytes()
     (tmp_path / f"{stem}.gz").write_bytes(gzip.compress(header + images[split].tobytes()))
-  folder = prepare_mnist.main(["--idx_dir", str(tmp_path), "--out", str(tmp_path / "out")])
-  splits, meta = prepared.load(folder)
+  run_script("prepare_mnist.py", "--idx_dir", str(tmp_path), "--out", str(tmp_path / "out"))
+  splits, meta = prepared.load(tmp_path / "out")
   assert meta.record_length == 785
   np.testing.assert_array_equal(mnist.tokens_to_images(splits["train"]), images["train"])
   np.testing.assert_array_equal(mnist.tokens_to_images(splits["val"]), images["test"])
-  with pytest.raises(SystemExit) as exit_info:
-    prepare_mnist.main(["--idx_dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out2")])
-  assert "t10k-images-idx3-ubyte.gz" in str(exit_info.value.code) or "train-images" in str(
-    exit_info.value.code
-  )
+  failed = run_script("prepare_mnist.py", "--idx_dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out2"),
+                      fails=True)  # fmt: skip
+  assert f"lacks train-images-idx3-ubyte.gz: download {mnist.IDX_URL}train-images-idx3-ubyte.gz" in failed.stderr
 
 
 def test_mnist_samples_txt_to_png(tmp_path):
-  from experiments import sample_mnist
-
   tokens = np.concatenate([[256], np.arange(784) % 256])  # what train_lm.py writes: start token + one image
   (tmp_path / "samples.txt").write_text(" ".join(map(str, tokens)))
-  out = sample_mnist.main([f"--samples_txt={tmp_path / 'samples.txt'}"])
-  assert out == tmp_path / "samples.png" and out.read_bytes()[:4] == b"\x89PNG"
+  done = run_script("sample_mnist.py", f"--samples_txt={tmp_path / 'samples.txt'}")
+  assert done.stdout.strip() == f"samples: {tmp_path / 'samples.png'}"
+  assert (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import sys
 from pathlib import Path
 
 import jax
@@ -16,9 +16,7 @@ from flax import nnx
 from scfa_jax import train
 from scfa_jax.data import batches, prepared, python_sources
 from scfa_jax.model import GPT, GPTConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.scripts import run_script
 
 TINY_MODEL = GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32, num_buckets=4,
                        implementation="xla")  # fmt: skip
@@ -104,10 +102,13 @@ def test_batches_are_a_function_of_seed_and_step():
   rows = batches.train_batch(tokens, seed=1, step=5, shape=(2, 4), length=16, rows=slice(2, 4))
   np.testing.assert_array_equal(rows, a[:, 2:])
   np.testing.assert_array_equal(a[..., 1:] - a[..., :-1], np.where(a[..., 1:] == 0, -250, 1))  # contiguous
-  records = batches.train_batch(tokens, seed=0, step=0, shape=(8,), length=16, record_length=10)
-  assert np.all(records[:, 0] % 251 % 10 == 0) or records.shape == (8, 17)
-  fixed = batches.eval_batches(tokens, num_batches=3, batch_size=2, length=16)
-  assert fixed.shape == (3, 2, 17) and fixed[0, 0, 0] == 0
+  positions = np.arange(10_000)  # each token is its own position
+  records = batches.train_batch(positions, seed=0, step=0, shape=(8,), length=16, record_length=10)
+  assert records.shape == (8, 17) and np.all(records[:, 0] % 10 == 0)  # windows start at records
+  assert len(set(records[:, 0])) > 1 and np.all(np.diff(records, axis=-1) == 1)
+  fixed = batches.eval_batches(positions, num_batches=3, batch_size=2, length=16, record_length=10)
+  assert fixed.shape == (3, 2, 17) and fixed[0, 0, 0] == 0 and np.all(fixed[..., 0] % 10 == 0)
+  np.testing.assert_array_equal(np.diff(fixed[..., 0].ravel()) > 0, True)  # spread over the split, in order
 
 
 def test_python_sources_format_dedup_and_split(tmp_path):
@@ -157,31 +158,28 @@ def test_loss_decreases_and_a_killed_run_resumes_the_same_loss_curve(tmp_path):
   assert (tmp_path / "straight/loss.png").stat().st_size > 1000
 
 
-def test_every_registered_config_builds_and_overrides_parse():
-  from experiments import configs  # noqa: PLC0415
-
-  every = configs.all_configs()
-  assert {"stdlib_demo", "gpt122m_hash16", "gpt122m_dense"} <= set(every)
-  assert every[configs.DEFAULT].model.attention == "hash"
-  paper = every["gpt122m_hash16"]
-  assert (paper.model.n_layer, paper.model.n_embd, paper.model.num_buckets, paper.lr) == (12, 768, 16, 1e-3)
-  c = configs.apply_overrides(every["stdlib_demo"], ["--steps=7", "--model.n_layer=2", "--num_buckets=8",
-                                                     "--implementation=none", "--shared_qk=false"])  # fmt: skip
-  assert (c.steps, c.model.n_layer, c.model.num_buckets, c.model.implementation, c.model.shared_qk) == (
-      7, 2, 8, None, False)  # fmt: skip
+def test_registered_configs_and_overrides_through_the_script():
+  listed = json.loads(run_script("train_lm.py", "--list_configs").stdout)
+  assert {"stdlib_demo", "gpt122m_hash16", "gpt122m_dense"} <= set(listed)
+  assert listed["stdlib_demo"]["model"]["attention"] == "hash"  # the default run
+  paper = listed["gpt122m_hash16"]
+  assert (paper["model"]["n_layer"], paper["model"]["n_embd"], paper["model"]["num_buckets"], paper["lr"]) == (
+      12, 768, 16, 1e-3)  # fmt: skip
+  overrides = ["--steps=7", "--model.n_layer=2", "--num_buckets=8", "--implementation=none", "--shared_qk=false"]
+  c = json.loads(run_script("train_lm.py", *overrides, "--print_config").stdout)
+  assert c == listed["stdlib_demo"] | {"steps": 7, "model": listed["stdlib_demo"]["model"] | {
+      "n_layer": 2, "num_buckets": 8, "implementation": None, "shared_qk": False}}  # fmt: skip
   for bad, message in [("--nope=1", "unknown field"), ("--steps=x", "expects a int"), ("--num_buckets=3", "num_buckets"),
-                       ("--model=1", "group of fields")]:  # fmt: skip
-    with pytest.raises(ValueError, match=message):
-      configs.apply_overrides(c, [bad])
+                       ("--model=1", "group of fields"), ("--config=nope", "unknown config")]:  # fmt: skip
+    failed = run_script("train_lm.py", bad, "--print_config", fails=True)
+    assert failed.stderr.startswith("error: ") and message in failed.stderr, failed.stderr
 
 
-def test_main_script_end_to_end(tmp_path, capsys):
-  from experiments import train_lm  # noqa: PLC0415
-
+def test_main_script_end_to_end(tmp_path):
   out = tmp_path / "run"
-  summary = train_lm.main(["--steps=3", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32",
-                           "--batch_size=2", "--eval_batches=1", "--sample_tokens=20", f"--out_dir={out}"])  # fmt: skip
-  printed = capsys.readouterr().out
-  assert "plot:" in printed and "samples:" in printed
+  done = run_script("train_lm.py", "--steps=3", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32",
+                    "--batch_size=2", "--eval_batches=1", "--sample_tokens=20", f"--out_dir={out}")  # fmt: skip
+  assert f"plot:    {out / 'loss.png'}" in done.stdout and f"samples: {out / 'samples.txt'}" in done.stdout
   assert (out / "loss.png").exists() and (out / "samples.txt").read_text().startswith("def ")
-  assert summary["step"] == 3 and (out / "checkpoints").exists()
+  steps = [r["step"] for r in train.MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "train"]
+  assert steps[-1] == 3 and (out / "checkpoints").exists()

@@ -207,28 +207,3 @@ def sample(model, *, num: int, key, temperature: float = 1.0):
     return jax.lax.fori_loop(0, PIXELS, step, buffer)[:, 1:]
 
   return run(state, key)
-
-
-def sample_grid_from_run(
-  config, path: str | os.PathLike | None = None, *, num: int = 16, seed: int = 0
-) -> Path:
-  """Restores the last checkpoint of a finished (or running) MNIST run and saves a grid of samples.
-
-  config: the run's `scfa_jax.train.TrainConfig`; path defaults to out_dir/samples.png.
-  """
-  import jax  # noqa: PLC0415
-
-  from scfa_jax import train  # noqa: PLC0415
-
-  trainer = train.Trainer.create(config)
-  checkpoints = train.Checkpoints(Path(config.out_dir) / "checkpoints")
-  step = checkpoints.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {config.out_dir}/checkpoints: train the run first")
-  trainer.state = checkpoints.restore(step, trainer.state)
-  checkpoints.close()
-  images = sample(trainer.model(), num=num, key=jax.random.key(seed))
-  path = Path(config.out_dir) / "samples.png" if path is None else path
-  return save_grid(
-    np.asarray(jax.device_get(images)), path, title=f"{Path(config.out_dir).name}, step {step}"
-  )
