@@ -45,11 +45,28 @@ def causal_center(x: jax.Array) -> jax.Array:
   """
   if x.ndim != 4:
     raise ValueError(f"x must be [B, T, N, H], got x.shape={x.shape}")
-  x = x.astype(jnp.float32)
-  unit = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  unit = unit_vectors(x)
   earlier = jnp.cumsum(unit, axis=1) - unit
   count = jnp.maximum(jnp.arange(x.shape[1], dtype=jnp.float32), 1.0)[None, :, None, None]
   return unit - earlier / count
+
+
+def unit_vectors(x: jax.Array) -> jax.Array:
+  """x / |x| over the last axis, in float32 (0 stays 0)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def causal_center_next(x: jax.Array, earlier_sum: jax.Array, position) -> tuple[jax.Array, jax.Array]:
+  """`causal_center` of one more position, for decoding: (centered, earlier_sum + unit).
+
+  x: [B, 1, N, H] at `position` (an int or int32 scalar); earlier_sum: float32 [B, N, H],
+  the sum of the unit vectors of positions 0 .. position - 1. Returns float32 [B, 1, N, H]
+  and the sum that the next position needs.
+  """
+  unit = unit_vectors(x)
+  count = jnp.maximum(jnp.asarray(position, jnp.float32), 1.0)
+  return unit - (earlier_sum / count)[:, None], earlier_sum + unit[:, 0]
 
 
 def lsh_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:

@@ -9,12 +9,14 @@ default) while the residual stream, LayerNorm statistics and logits stay float32
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scfa_jax.decode import AttentionCache
 from scfa_jax.nn import IMPLEMENTATIONS, MODES, SparseCausalSelfAttention, _draw_key
 
 
@@ -117,14 +119,25 @@ class Block(nnx.Module):
     self.mlp = MLP(config, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, rngs=None) -> jax.Array:
+    return self._residuals(x, lambda h: (self.attn(h, rngs=rngs), None))[0]
+
+  def prefill(self, x: jax.Array, cache: AttentionCache) -> tuple[jax.Array, AttentionCache]:
+    return self._residuals(x, lambda h: self.attn.prefill(h, cache))
+
+  def decode_step(self, x: jax.Array, cache: AttentionCache) -> tuple[jax.Array, AttentionCache]:
+    return self._residuals(x, lambda h: self.attn.decode_step(h, cache))
+
+  def _residuals(self, x, attend):
+    """The block around attend(h) -> (attention output, cache): (output, cache)."""
     with jax.named_scope("layer_norm"):
       h = self.ln_attn(x)
     with jax.named_scope("attention"):
-      x = x + self.attn(h, rngs=rngs).astype(x.dtype)
+      a, cache = attend(h)
+      x = x + a.astype(x.dtype)
     with jax.named_scope("layer_norm"):
       h = self.ln_mlp(x)
     with jax.named_scope("mlp"):
-      return x + self.mlp(h).astype(x.dtype)
+      return x + self.mlp(h).astype(x.dtype), cache
 
 
 class GPT(nnx.Module):
@@ -147,13 +160,58 @@ class GPT(nnx.Module):
     _, t = tokens.shape
     if t > self.config.block_size:
       raise ValueError(f"sequence length {t} exceeds block_size={self.config.block_size}")
-    with jax.named_scope("embedding"):
-      x = self.wte[...][tokens] + self.wpe[...][:t]
+    x = self._embed(tokens, jnp.arange(t))
     run_block = nnx.remat(_run_block) if self.config.remat else _run_block
-    for block in self.blocks:
-      # One key per layer, drawn out here so that remat never mutates the Rngs.
-      key = None if rngs is None else _draw_key(rngs, block.attn.rng_collection)
+    # Keys drawn out here, one per layer, so that remat never mutates the Rngs.
+    for block, key in zip(self.blocks, self._layer_keys(rngs)):
       x = run_block(block, x, key)
+    return self._logits(x)
+
+  def init_cache(
+      self, batch_size: int, max_length: int | None = None, *, rngs=None, page_size: int | None = None
+  ) -> tuple[AttentionCache, ...]:
+    """Empty decoding caches, one per layer, of max_length positions (block_size if None).
+
+    Each layer draws its rotations or keep mask from its key of rngs, as a call of the
+    model with the same rngs would (`SparseCausalSelfAttention.init_cache`, which also says
+    what page_size does).
+    """
+    if max_length is None:
+      max_length = self.config.block_size
+    if not isinstance(max_length, int) or not 1 <= max_length <= self.config.block_size:
+      raise ValueError(f"max_length must be an int in [1, block_size={self.config.block_size}], got {max_length=}")
+    return tuple(
+        block.attn.init_cache(batch_size, max_length, rngs=key, page_size=page_size)
+        for block, key in zip(self.blocks, self._layer_keys(rngs))
+    )
+
+  def prefill(self, tokens: jax.Array, cache: tuple[AttentionCache, ...]) -> tuple[jax.Array, tuple]:
+    """Runs the prompt tokens int [B, T] into fresh caches: (logits float32 [B, V] of the
+    last position, caches of length T). Logits of the other positions are never formed."""
+    x = self._embed(tokens, jnp.arange(tokens.shape[1]))
+    cache = list(cache)
+    for i, block in enumerate(self.blocks):
+      x, cache[i] = block.prefill(x, cache[i])
+    return self._logits(x[:, -1:])[:, 0], tuple(cache)
+
+  def decode_step(self, tokens: jax.Array, cache: tuple[AttentionCache, ...]) -> tuple[jax.Array, tuple]:
+    """One token per row, int [B], at position cache[0].length: (logits float32 [B, V], caches
+    one longer). The logits are those of the model on the whole sequence at that position."""
+    x = self._embed(tokens[:, None], cache[0].length[None])
+    cache = list(cache)
+    for i, block in enumerate(self.blocks):
+      x, cache[i] = block.decode_step(x, cache[i])
+    return self._logits(x)[:, 0], tuple(cache)
+
+  def _layer_keys(self, rngs) -> list:
+    """One key per layer from rngs (its attention stream), or Nones: each layer's own stream."""
+    return [None if rngs is None else _draw_key(rngs, block.attn.rng_collection) for block in self.blocks]
+
+  def _embed(self, tokens, positions):
+    with jax.named_scope("embedding"):
+      return self.wte[...][tokens] + self.wpe[...][positions]
+
+  def _logits(self, x):
     with jax.named_scope("layer_norm"):
       x = self.ln_f(x)
     dtype = jnp.dtype(self.config.compute_dtype)
@@ -198,6 +256,30 @@ def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def sample_logits(
+    logits: jax.Array,
+    key: jax.Array,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    exclude: tuple[int, ...] = (),
+) -> jax.Array:
+  """One token per row of logits [B, V]: int32 [B].
+
+  temperature 0 takes the most likely token (greedy); otherwise the logits are divided by
+  temperature, and top_k (None: all) keeps the k most likely. Ids in exclude are never drawn.
+  """
+  if exclude:
+    logits = logits.at[..., jnp.asarray(exclude)].set(-jnp.inf)
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k is not None:
+    threshold = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
 def generate(
     model: GPT,
     prompt: jax.Array,
@@ -206,34 +288,87 @@ def generate(
     key: jax.Array,
     temperature: float = 0.8,
     top_k: int | None = 40,
+    exclude: tuple[int, ...] = (),
+    page_size: int | None = None,
 ) -> jax.Array:
-  """Samples `steps` tokens after prompt int [T0]: int [T0 + steps] (no KV cache).
+  """Samples `steps` tokens after prompt int [T0] (or a batch [B, T0]): int32 [T0 + steps] ([B, T0 + steps]).
 
-  Every step reruns the model on the last block_size tokens in one fixed-shape
-  window, so one compiled loop serves the whole sample; causality makes the unfilled
-  tail of the window harmless.
+  Decodes with key/value caches: one prefill of the prompt, then one jitted step per
+  token against the cached keys and values, compiled once per batch size and cache length.
+  The attention draws come from one key for the whole generation: with
+  `attention_key, sample_key = jax.random.split(key)`, token i is drawn by
+  `sample_logits(logits, jax.random.fold_in(sample_key, i), ...)` from the last logits of
+  `model(tokens[:, :i], rngs=nnx.Rngs(attention=attention_key))`, the model on the whole
+  sequence so far, which the test suite checks.
+
+  Past block_size (the model has no later positions): when the cache is full and another
+  token must go in, it starts over from the last block_size // 2 tokens (a new prefill,
+  at positions 0 ..), so every token sees between block_size // 2 and block_size earlier
+  tokens, the tokens of the window rather than the whole sequence. A prompt longer than
+  block_size goes in as its last block_size tokens.
+
+  Args:
+    temperature, top_k, exclude: as in `sample_logits` (temperature 0: greedy).
+    page_size: hash mode: keep keys in pages grouped by bucket, so that each step reads
+      only its query's bucket (`SparseCausalSelfAttention.init_cache`); worth it for long
+      caches.
   """
-  block = model.config.block_size
-  total = prompt.shape[0] + steps
+  prompt = jnp.asarray(prompt, jnp.int32)
+  if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:
+    raise ValueError(f"prompt must be int [T0] or [B, T0] with T0 >= 1, got prompt.shape={prompt.shape}")
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+    raise ValueError(f"steps must be a non-negative int, got {steps=}")
+  vocab = model.config.vocab_size
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature=}")
+  if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= vocab):
+    raise ValueError(f"top_k must be None or an int in [1, vocab_size={vocab}], got {top_k=}")
+  exclude = tuple(int(i) for i in exclude)
+  if any(not 0 <= i < vocab for i in exclude):
+    raise ValueError(f"exclude must hold token ids in [0, {vocab}), got {exclude=}")
+  if steps == 0:
+    return prompt
+  rows = prompt if prompt.ndim == 2 else prompt[None]
+  block, start, total = model.config.block_size, rows.shape[1], rows.shape[1] + steps
+  capacity = min(block, total - 1)  # the last token is drawn, never fed
+  attention_key, sample_key = jax.random.split(key)
+  sampling = (float(temperature), top_k, exclude)
   graphdef, state = nnx.split(model)
+  cache = _init_cache(graphdef, state, attention_key, rows.shape[0], capacity, page_size)
+  window = rows[:, -block:]
+  token, cache = _prefill_and_sample(graphdef, state, cache, window, sample_key, start, sampling)
+  tokens, filled = [rows, token[:, None]], window.shape[1]
+  for i in range(start + 1, total):
+    if filled == capacity:
+      window = jnp.concatenate(tokens, axis=1)[:, i - block // 2 : i]
+      token, cache = _prefill_and_sample(graphdef, state, cache, window, sample_key, i, sampling)
+      filled = window.shape[1]
+    else:
+      token, cache = _decode_and_sample(graphdef, state, cache, token, sample_key, i, sampling)
+      filled += 1
+    tokens.append(token[:, None])
+  out = jnp.concatenate(tokens, axis=1)
+  return out if prompt.ndim == 2 else out[0]
 
-  @jax.jit
-  def run(state, prompt, key):
-    model = nnx.merge(graphdef, state)
-    buffer = jnp.zeros((max(total, block),), jnp.int32).at[: prompt.shape[0]].set(prompt)
 
-    def step(cur, buffer):
-      start = jnp.maximum(cur - block, 0)
-      window = jax.lax.dynamic_slice(buffer, (start,), (block,))
-      step_key = jax.random.fold_in(key, cur)
-      logits = model(window[None], rngs=nnx.Rngs(attention=jax.random.fold_in(step_key, 1)))
-      logits = logits[0, cur - start - 1] / temperature
-      if top_k is not None:
-        threshold = jax.lax.top_k(logits, top_k)[0][-1]
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-      token = jax.random.categorical(step_key, logits)
-      return buffer.at[cur].set(token.astype(jnp.int32))
+@functools.partial(jax.jit, static_argnames=("graphdef", "batch_size", "max_length", "page_size"))
+def _init_cache(graphdef, state, key, batch_size, max_length, page_size):
+  model = nnx.merge(graphdef, state)
+  return model.init_cache(batch_size, max_length, rngs=nnx.Rngs(attention=key), page_size=page_size)
 
-    return jax.lax.fori_loop(prompt.shape[0], total, step, buffer)[:total]
 
-  return run(state, jnp.asarray(prompt, jnp.int32), key)
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="cache")
+def _prefill_and_sample(graphdef, state, cache, tokens, key, index, sampling):
+  logits, cache = nnx.merge(graphdef, state).prefill(tokens, cache)
+  return _sample(logits, key, index, sampling), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="cache")
+def _decode_and_sample(graphdef, state, cache, tokens, key, index, sampling):
+  logits, cache = nnx.merge(graphdef, state).decode_step(tokens, cache)
+  return _sample(logits, key, index, sampling), cache
+
+
+def _sample(logits, key, index, sampling):
+  temperature, top_k, exclude = sampling
+  return sample_logits(logits, jax.random.fold_in(key, index), temperature=temperature, top_k=top_k, exclude=exclude)

@@ -2,12 +2,14 @@
 
 Attention itself is one of the public functions in `scfa_jax.api` (or
 `jax.nn.dot_product_attention` in dense mode); this module only owns projections,
-the random bucket / keep draws, and the `shard_map` over the batch axis that
-jax-triton calls need under a mesh (they have no partitioning rule).
+the random bucket / keep draws, the `shard_map` over the batch axis that
+jax-triton calls need under a mesh (they have no partitioning rule), and the layer's
+side of decoding with a key/value cache (the attention of a step is in `scfa_jax.decode`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from scfa_jax import api, lsh
+from scfa_jax import api, decode, lsh
 
 Mode = Literal["dense", "hash", "qk_drop"]
 MODES = ("dense", "hash", "qk_drop")
@@ -42,6 +44,18 @@ def batch_sharded(fn):
 def bucket_sizes(buckets: jax.Array, num_buckets: int) -> jax.Array:
   """int32 [B, N, num_buckets]: how many tokens of each (batch, head) fall in each bucket."""
   return jnp.sum(jax.nn.one_hot(buckets, num_buckets, dtype=jnp.int32), axis=1)
+
+
+def keep_mask(key: jax.Array, drop_rate: float, shape: tuple[int, int, int]) -> jax.Array:
+  """qk_drop's draw: bool [B, T, N], True where (batch, position, head) is kept.
+
+  Position t's column is `bernoulli(fold_in(key, t), 1 - drop_rate, (B, N))`, so the mask
+  of a prefix does not depend on how long the sequence is: decoding token by token meets
+  the mask of one call on the whole sequence.
+  """
+  batch, length, heads = shape
+  draw = lambda t: jax.random.bernoulli(jax.random.fold_in(key, t), 1.0 - drop_rate, (batch, heads))  # noqa: E731
+  return jnp.moveaxis(jax.vmap(draw)(jnp.arange(length)), 0, 1)
 
 
 def _draw_key(rngs, stream) -> jax.Array:
@@ -80,6 +94,11 @@ class SparseCausalSelfAttention(nnx.Module):
   The layer has no eval switch: hash and qk_drop stay sparse at evaluation, as the
   model is meant to run; pass a fixed key to make evaluation deterministic, or use
   drop_rate=0.0 for plain causal attention.
+
+  Decoding: `init_cache` makes a cache of fixed length and draws the rotations or keep
+  mask once; `prefill` attends a prompt and fills the cache; `decode_step` attends one
+  new token against it. The outputs are those of a call on the whole sequence with the
+  same key.
 
   Example:
     >>> from flax import nnx
@@ -160,6 +179,168 @@ class SparseCausalSelfAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None) -> jax.Array:
     """x: [B, T, D] -> [B, T, D]. rngs overrides the stream given at construction."""
+    q, k, v = self._project(x)
+    if self.mode == "dense":
+      out = self._dense(q, k, v)
+    elif self.mode == "hash":
+      with jax.named_scope("lsh"):
+        rotations = lsh.random_rotations(self._key(rngs), self.num_heads, self.head_dim, self.num_buckets)
+      buckets = self._buckets(q, k, rotations)
+      if self.record_buckets:
+        self.sow(nnx.Intermediate, "bucket_sizes", bucket_sizes(buckets[0], self.num_buckets))
+      out = self._hash(q, k, v, buckets)
+    else:
+      out = self._qk_drop(q, k, v, keep_mask(self._key(rngs), self.drop_rate, q.shape[:3]))
+    return self._out(out)
+
+  def init_cache(
+      self,
+      batch_size: int,
+      max_length: int,
+      *,
+      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+      page_size: int | None = None,
+  ) -> decode.AttentionCache:
+    """An empty cache of max_length positions for `prefill` and `decode_step`.
+
+    Hash mode draws its rotations here and qk_drop its keep mask for all max_length
+    positions, once, from rngs (the layer's own stream when None): every step of the
+    generation uses them, so that the tokens are those of calling the layer on the whole
+    sequence with the same key.
+
+    page_size (hash mode only): keep keys and values in pages of page_size rows grouped
+    by bucket (`decode.BucketPages`), so that a decode step reads only the keys of its
+    query's bucket. None keeps them in position order; each step then reads all of them
+    under a mask, which is faster while the cache is short.
+    """
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+    if page_size is not None:
+      if self.mode != "hash":
+        raise ValueError(f"page_size groups keys by bucket: it needs mode='hash', got mode={self.mode!r}")
+      if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
+        raise ValueError(f"page_size must be a positive int or None, got {page_size=}")
+    b, n, h = batch_size, self.num_heads, self.head_dim
+    rows = jnp.zeros((b, max_length, n, h), self.dtype)
+    fields = dict(length=jnp.zeros((), jnp.int32), max_length=max_length, k=rows, v=rows)
+    if self.mode == "qk_drop":
+      fields["keep"] = keep_mask(self._key(rngs), self.drop_rate, (b, max_length, n))
+    elif self.mode == "hash":
+      fields["rotations"] = lsh.random_rotations(self._key(rngs), n, h, self.num_buckets)
+      if page_size is None:
+        fields["k_buckets"] = jnp.zeros((b, max_length, n), lsh.bucket_dtype(self.num_buckets))
+      else:
+        fields.update(k=None, v=None)
+        fields["pages"] = decode.empty_pages(b, n, h, self.num_buckets, max_length, page_size, self.dtype)
+      if self.center_hash:
+        fields["q_unit_sum"] = jnp.zeros((b, n, h), jnp.float32)
+        if not self.shared_qk:
+          fields["k_unit_sum"] = jnp.zeros((b, n, h), jnp.float32)
+    return decode.AttentionCache(**fields)
+
+  def prefill(self, x: jax.Array, cache: decode.AttentionCache) -> tuple[jax.Array, decode.AttentionCache]:
+    """Attends the prompt x [B, T, D] (positions 0 .. T-1) and fills the cache with it.
+
+    Returns (y [B, T, D], cache of length T). y is the layer's output for x with the
+    cache's rotations or keep mask, computed by the same attention function as a call.
+    The cache starts over: what it held before is dropped.
+    """
+    length = x.shape[1]
+    if length > cache.max_length:
+      raise ValueError(f"x holds {length} positions, more than the cache's max_length={cache.max_length}")
+    q, k, v = self._project(x)
+    changes = dict(length=jnp.asarray(length, jnp.int32))
+    if self.mode == "dense":
+      out = self._dense(q, k, v)
+    elif self.mode == "qk_drop":
+      out = self._qk_drop(q, k, v, cache.keep[:, :length])
+    else:
+      buckets = self._buckets(q, k, cache.rotations)
+      out = self._hash(q, k, v, buckets)
+      if cache.pages is not None:
+        changes["pages"] = decode.fill_pages(cache.pages, k, v, buckets[-1])
+      else:
+        changes["k_buckets"] = cache.k_buckets.at[:, :length].set(buckets[-1])
+      if self.center_hash:
+        changes["q_unit_sum"] = jnp.sum(lsh.unit_vectors(q), axis=1)
+        if not self.shared_qk:
+          changes["k_unit_sum"] = jnp.sum(lsh.unit_vectors(k), axis=1)
+    if cache.k is not None:
+      changes["k"] = cache.k.at[:, :length].set(k.astype(cache.k.dtype))
+      changes["v"] = cache.v.at[:, :length].set(v.astype(cache.v.dtype))
+    return self._out(out), dataclasses.replace(cache, **changes)
+
+  def decode_step(self, x: jax.Array, cache: decode.AttentionCache) -> tuple[jax.Array, decode.AttentionCache]:
+    """One new token per row, x [B, 1, D] at position cache.length: (y [B, 1, D], cache one longer).
+
+    y equals the last row of the layer's output on the whole sequence so far (same
+    rotations or keep mask), up to float rounding; a row that may attend to nothing gives
+    exactly 0 there as here. jnp only (`decode.masked_attention` or, with bucket pages,
+    `decode.bucket_attention`), whatever the implementation. A step into a full cache
+    (length == max_length) returns NaN: nothing can raise inside jit.
+    """
+    if x.ndim != 3 or x.shape[1] != 1:
+      raise ValueError(f"x must be one token per row, [B, 1, D], got x.shape={x.shape}")
+    q, k, v = self._project(x)
+    q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, N, H]
+    position, scale = cache.length, self.head_dim**-0.5
+    changes = dict(length=position + 1)
+    if cache.k is not None:
+      write = lambda rows, row: jax.lax.dynamic_update_index_in_dim(rows, row.astype(rows.dtype), position, 1)  # noqa: E731
+      changes.update(k=write(cache.k, k), v=write(cache.v, v))
+    earlier = jnp.arange(cache.max_length) < position  # [L]
+    causal = jnp.arange(cache.max_length) <= position
+    with jax.named_scope("attention_core"):
+      if self.mode == "dense":
+        out = decode.masked_attention(q, changes["k"], changes["v"], causal[None, None], scale=scale)
+      elif self.mode == "qk_drop":
+        keep = jnp.swapaxes(cache.keep, 1, 2)  # [B, N, L]
+        allowed = causal & keep & keep[..., position, None]
+        out = decode.masked_attention(q, changes["k"], changes["v"], allowed, scale=scale)
+      else:
+        q_bucket, k_bucket, sums = self._next_buckets(q, k, cache)
+        changes.update(sums)
+        if cache.pages is None:
+          changes["k_buckets"] = jax.lax.dynamic_update_index_in_dim(cache.k_buckets, k_bucket, position, 1)
+          # Shared-QK keys are the queries: strict causality, a token never attends to itself.
+          allowed = (earlier if self.shared_qk else causal) & (
+              jnp.swapaxes(changes["k_buckets"], 1, 2) == q_bucket[..., None]
+          )
+          out = decode.masked_attention(q, changes["k"], changes["v"], allowed, scale=scale)
+        elif self.shared_qk:  # strict: read the bucket before the token's own key joins it
+          out = decode.bucket_attention(q, cache.pages, q_bucket, scale=scale)
+          changes["pages"] = decode.append_to_pages(cache.pages, k, v, k_bucket)
+        else:
+          changes["pages"] = decode.append_to_pages(cache.pages, k, v, k_bucket)
+          out = decode.bucket_attention(q, changes["pages"], q_bucket, scale=scale)
+    out = jnp.where(position < cache.max_length, out, jnp.nan).astype(out.dtype)
+    return self._out(out[:, None]), dataclasses.replace(cache, **changes)
+
+  def _next_buckets(self, q, k, cache) -> tuple[jax.Array, jax.Array, dict]:
+    """Buckets [B, N] of the new token's query and key (q, k [B, N, H]), and the new centering sums."""
+    sums = {}
+
+    def bucket(x, name):
+      x = x[:, None]  # [B, 1, N, H]
+      if self.center_hash:
+        x, sums[name] = lsh.causal_center_next(x, getattr(cache, name), cache.length)
+      return lsh.lsh_buckets(x, cache.rotations)[:, 0]
+
+    with jax.named_scope("lsh"):
+      q_bucket = bucket(q, "q_unit_sum")
+      # Normalising does not change the angular hash: shared-QK keys take the query buckets.
+      k_bucket = q_bucket if self.shared_qk else bucket(k, "k_unit_sum")
+    return q_bucket, k_bucket, sums
+
+  def _key(self, rngs) -> jax.Array:
+    stream = rngs if rngs is not None else self.rngs
+    if stream is None:
+      raise ValueError(f"mode={self.mode!r} needs randomness: give rngs to the constructor or the call")
+    return _draw_key(stream, self.rng_collection)
+
+  def _project(self, x):
+    """q, k, v [B, T, N, H] in the compute dtype."""
     x = x.astype(self.dtype)
     # Named scopes label each part's kernels in profiles (experiments/bench_model.py --profile).
     with jax.named_scope("qkv_projection"):
@@ -170,54 +351,62 @@ class SparseCausalSelfAttention(nnx.Module):
         k = (q.astype(jnp.float32) / jnp.maximum(norm, 1e-6)).astype(self.dtype)
       else:
         k = proj(self.wk)
-    if self.mode == "dense":
-      out = self._dense(q, k, v)
-    else:
-      stream = rngs if rngs is not None else self.rngs
-      if stream is None:
-        raise ValueError(f"mode={self.mode!r} needs randomness: give rngs to the constructor or the call")
-      key = _draw_key(stream, self.rng_collection)
-      out = self._hash(q, k, v, key) if self.mode == "hash" else self._qk_drop(q, k, v, key)
+    return q, k, v
+
+  def _out(self, out):
     with jax.named_scope("out_projection"):
       return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(self.dtype))
 
   def _dense(self, q, k, v):
-    impl = self.implementation
-    if impl not in ("xla", "cudnn"):
-      # jax.nn's own None means XLA: ask for cuDNN where it applies (GPU, 16-bit inputs).
-      half = q.dtype in (jnp.bfloat16, jnp.float16)
-      impl = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
-    attend = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-        q, k, v, is_causal=True, implementation=impl
-    )
-    with jax.named_scope("attention_core"):
-      return batch_sharded(attend)(q, k, v)
+    return _dense_attention(q, k, v, self.implementation)
 
-  def _hash(self, q, k, v, key):
-    with jax.named_scope("lsh"):
-      rotations = lsh.random_rotations(key, self.num_heads, self.head_dim, self.num_buckets)
-      hashed = lsh.causal_center if self.center_hash else (lambda x: x)
-      buckets = [lsh.lsh_buckets(hashed(q), rotations)]
-      # Normalising does not change the angular hash, so shared-QK keys take the query buckets:
-      # one array for both sides, inside the shard_map too, so that it is sorted once.
-      if not self.shared_qk:
-        buckets.append(lsh.lsh_buckets(hashed(k), rotations))
-      if self.record_buckets:
-        self.sow(nnx.Intermediate, "bucket_sizes", bucket_sizes(buckets[0], self.num_buckets))
+  def _buckets(self, q, k, rotations) -> list[jax.Array]:
+    """[query buckets] for shared-QK, else [query buckets, key buckets]: [B, T, N] each."""
+    # Normalising does not change the angular hash, so shared-QK keys take the query buckets:
+    # one array for both sides, inside the shard_map too, so that it is sorted once.
+    return _lsh_buckets([q] if self.shared_qk else [q, k], rotations, self.center_hash)
 
-    def attend(q, k, v, q_buckets, k_buckets=None):
-      return api.hash_sparse_attention(
-          q, k, v, q_buckets=q_buckets, k_buckets=q_buckets if k_buckets is None else k_buckets,
-          strict=self.shared_qk, implementation=self.implementation,
-      )  # fmt: skip
+  def _hash(self, q, k, v, buckets):
+    return _hash_attention(q, k, v, buckets, strict=self.shared_qk, implementation=self.implementation)
 
-    with jax.named_scope("attention_core"):
-      return batch_sharded(attend)(q, k, v, *buckets)
+  def _qk_drop(self, q, k, v, keep):
+    return _qk_drop_attention(q, k, v, keep, self.implementation)
 
-  def _qk_drop(self, q, k, v, key):
-    keep = jax.random.bernoulli(key, 1.0 - self.drop_rate, q.shape[:3])  # [B, T, N]
-    attend = lambda q, k, v, keep: api.qk_sparse_attention(  # noqa: E731
-        q, k, v, q_keep=keep, k_keep=keep, implementation=self.implementation
-    )
-    with jax.named_scope("attention_core"):
-      return batch_sharded(attend)(q, k, v, keep)
+
+def _dense_attention(q, k, v, implementation):
+  if implementation not in ("xla", "cudnn"):
+    # jax.nn's own None means XLA: ask for cuDNN where it applies (GPU, 16-bit inputs).
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    implementation = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+  attend = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+      q, k, v, is_causal=True, implementation=implementation
+  )
+  with jax.named_scope("attention_core"):
+    return batch_sharded(attend)(q, k, v)
+
+
+def _lsh_buckets(xs, rotations, center: bool) -> list[jax.Array]:
+  with jax.named_scope("lsh"):
+    return [lsh.lsh_buckets(lsh.causal_center(x) if center else x, rotations) for x in xs]
+
+
+def _hash_attention(q, k, v, buckets, *, strict, implementation):
+  """buckets: [query buckets] (keys share them) or [query buckets, key buckets]."""
+
+  def attend(q, k, v, q_buckets, k_buckets=None):
+    return api.hash_sparse_attention(
+        q, k, v, q_buckets=q_buckets, k_buckets=q_buckets if k_buckets is None else k_buckets,
+        strict=strict, implementation=implementation,
+    )  # fmt: skip
+
+  with jax.named_scope("attention_core"):
+    return batch_sharded(attend)(q, k, v, *buckets)
+
+
+def _qk_drop_attention(q, k, v, keep, implementation):
+  attend = lambda q, k, v, keep: api.qk_sparse_attention(  # noqa: E731
+      q, k, v, q_keep=keep, k_keep=keep, implementation=implementation
+  )
+  with jax.named_scope("attention_core"):
+    return batch_sharded(attend)(q, k, v, keep)
+

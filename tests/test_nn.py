@@ -53,7 +53,8 @@ def _numpy_attention(layer, x, key):
     strict = t[:, None] > t[None, :]
     mask = (strict if layer.shared_qk else causal) & (qb[..., :, None] == kb[..., None, :])
   elif layer.mode == "qk_drop":
-    keep = np.asarray(jax.random.bernoulli(key, 1 - layer.drop_rate, (B, T, N))).transpose(0, 2, 1)
+    # The documented draw: position t's column from fold_in(key, t), whatever T is.
+    keep = np.stack([jax.random.bernoulli(jax.random.fold_in(key, t), 1 - layer.drop_rate, (B, N)) for t in range(T)], -1)
     mask = causal & keep[..., :, None] & keep[..., None, :]
   s = np.einsum("btnh,bsnh->bnts", q, k) * H**-0.5
   s = np.where(mask, s, -np.inf)
@@ -168,3 +169,4 @@ def test_bad_configuration_raises_at_construction(kwargs, field):
 def test_docstring_example_runs():
   result = doctest.testmod(scfa_jax.nn, verbose=False)
   assert result.attempted >= 2 and result.failed == 0
+
