@@ -13,11 +13,14 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import inspect
 import math
 import os
+import sys
 import threading
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +135,24 @@ def kernel_config(implementation: str, head_dim: int, hashed: bool) -> KernelCon
 
 
 def _kernels(module: str = "attention"):
-  """A Triton source module of kernels/ (importing it imports triton)."""
+  """A Triton source module of kernels/ (importing it imports triton).
+
+  An install maps `scfa_jax.kernels` to the top-level kernels/ folder (pyproject's
+  package-dir); a source checkout used without installing (on PYTHONPATH, as on a machine
+  the repository is only copied to) has no such package, so it is loaded from that folder.
+  """
+  try:
+    return importlib.import_module(f"scfa_jax.kernels.{module}")
+  except ModuleNotFoundError as e:
+    source = Path(__file__).resolve().parents[1] / "kernels"
+    if e.name != "scfa_jax.kernels" or not (source / "__init__.py").is_file():
+      raise
+  spec = importlib.util.spec_from_file_location(
+      "scfa_jax.kernels", source / "__init__.py", submodule_search_locations=[str(source)]
+  )
+  package = importlib.util.module_from_spec(spec)
+  sys.modules["scfa_jax.kernels"] = package
+  spec.loader.exec_module(package)
   return importlib.import_module(f"scfa_jax.kernels.{module}")
 
 

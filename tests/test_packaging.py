@@ -127,3 +127,23 @@ def test_the_wheel_ships_the_kernels_and_runs_them(tmp_path):
       """
   env = dict(os.environ, PYTHONPATH=str(site))  # the installed copy, ahead of the editable one
   assert _python(code, cwd=tmp_path, env=env).strip() == "ok"
+
+
+def test_a_checkout_that_is_not_installed_finds_its_kernels(tmp_path):
+  """A copy of the repository used through PYTHONPATH (no install, so no package-dir mapping):
+  the backend loads kernels/ as scfa_jax.kernels from the copy itself."""
+  copy = tmp_path / "checkout"
+  for part in ("scfa_jax", "kernels"):
+    shutil.copytree(ROOT / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+  code = f"""
+      import sys
+      sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]  # no install
+      sys.path.insert(0, {str(copy)!r})
+      from scfa_jax import triton_backend
+      attention = triton_backend._kernels()
+      plan = triton_backend._kernels("plan")
+      assert attention.__file__.startswith({str(copy)!r}), attention.__file__
+      assert plan.K_PAD == attention.K_PAD and hasattr(attention, "scfa_fwd")
+      print("ok")
+      """
+  assert _python(code, cwd=tmp_path).strip() == "ok"
