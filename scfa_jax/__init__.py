@@ -3,12 +3,13 @@
 from scfa_jax.api import hash_sparse_attention, qk_sparse_attention, sparse_causal_attention
 from scfa_jax.lsh import causal_center, lsh_buckets, random_rotations
 from scfa_jax.model import GPT, GPTConfig
-from scfa_jax.nn import SparseCausalSelfAttention
+from scfa_jax.nn import SparseCausalSelfAttention, attention_fn
 
 __all__ = [
     "GPT",
     "GPTConfig",
     "SparseCausalSelfAttention",
+    "attention_fn",
     "causal_center",
     "hash_sparse_attention",
     "lsh_buckets",

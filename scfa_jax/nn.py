@@ -10,10 +10,12 @@ side of decoding with a key/value cache (the attention of a step is in `scfa_jax
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -410,3 +412,104 @@ def _qk_drop_attention(q, k, v, keep, implementation):
   with jax.named_scope("attention_core"):
     return batch_sharded(attend)(q, k, v, keep)
 
+
+def attention_fn(
+    mode: Mode = "hash",
+    *,
+    num_buckets: int = 16,
+    drop_rate: float = 0.0,
+    center_hash: bool = True,
+    seed: int = 0,
+    implementation: str | None = None,
+) -> Callable[..., jax.Array]:
+  """Causal SCFA attention to pass as `flax.nnx.MultiHeadAttention(attention_fn=...)`.
+
+  The returned function takes what MultiHeadAttention passes to its attention function
+  (as `flax.nnx.dot_product_attention` does: query, key, value [batch..., T, N, H], bias,
+  mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic, dtype, precision,
+  module, is_causal) and returns [batch..., T, N, H]:
+
+    "dense": `jax.nn.dot_product_attention(is_causal=True)` (cuDNN on a GPU for 16-bit inputs).
+    "hash": `hash_sparse_attention` with num_buckets buckets per head; queries and keys are
+      bucketed separately under the same rotations (causally centered with center_hash,
+      as `SparseCausalSelfAttention(shared_qk=False)` does), and t attends s <= t.
+    "qk_drop": `qk_sparse_attention` with `keep_mask(key, drop_rate, ...)` for queries and keys.
+
+  It is always causal self-attention. With mask=None (and any is_causal) it applies
+  causality itself. A mask [batch..., 1 or N, T, T] is accepted only if it is the causal
+  mask (e.g. `nnx.make_causal_mask`): a concrete one is checked at once, one traced under
+  jit when the computation runs (a host callback: mask=None costs nothing). Other masks,
+  bias, key lengths other than T (cross-attention, MultiHeadAttention's decode cache),
+  attention dropout while not deterministic and sow_weights raise ValueError. precision is
+  accepted and unused: scores and softmax are float32 whatever it says.
+
+  The draws (hash rotations, qk_drop keep masks) come from the call's `rng` keyword when
+  given, else from `jax.random.key(seed)`: without rng every call draws the same, so a
+  model's outputs are reproducible (MultiHeadAttention passes no rng; build each layer's
+  function with its own seed for different rotations per layer).
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode=}")
+  if mode == "hash" and (not isinstance(num_buckets, int) or num_buckets < 2 or num_buckets % 2):
+    raise ValueError(f"num_buckets must be an even int >= 2 (+/- pairs), got {num_buckets=}")
+  if not 0.0 <= drop_rate < 1.0:
+    raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate=}")
+  if implementation not in IMPLEMENTATIONS or (implementation == "cudnn" and mode != "dense"):
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} ('cudnn': dense only), got {implementation=}")
+  if not isinstance(seed, int) or isinstance(seed, bool):
+    raise TypeError(f"seed must be an int, got {seed=}")
+
+  def attend(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
+             dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
+             is_causal=False, *, rng=None):  # fmt: skip
+    del broadcast_dropout, dropout_rng, precision, is_causal  # see the docstring
+    if bias is not None:
+      raise ValueError("bias is not supported by scfa_jax.attention_fn (the sparse kernels take no bias)")
+    if module is not None:
+      raise ValueError("sow_weights is not supported by scfa_jax.attention_fn: attention weights are never formed")
+    if dropout_rate > 0.0 and not deterministic:
+      raise ValueError(f"attention dropout is not supported by scfa_jax.attention_fn, got {dropout_rate=}")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+      if getattr(x, "ndim", 0) < 3:
+        raise ValueError(f"{name} must be [batch..., T, N, H], got {name}.shape={getattr(x, 'shape', None)}")
+    if key.shape[:-3] != query.shape[:-3] or key.shape[-3] != query.shape[-3]:
+      raise ValueError(
+          f"scfa_jax.attention_fn is causal self-attention: key must have the query's batch and length, "
+          f"got query.shape={query.shape}, key.shape={key.shape} (cross-attention and "
+          f"MultiHeadAttention's decode cache are not supported)"
+      )
+    if mask is not None:
+      _check_causal_mask(mask, query.shape[-3])
+    if dtype is not None:
+      query, key, value = (x.astype(dtype) for x in (query, key, value))
+    q, k, v = (x.reshape((-1,) + x.shape[-3:]) for x in (query, key, value))  # one batch axis
+    draw = jax.random.key(seed) if rng is None else rng
+    if mode == "dense":
+      out = _dense_attention(q, k, v, implementation)
+    elif mode == "hash":
+      rotations = lsh.random_rotations(draw, q.shape[2], q.shape[3], num_buckets)
+      buckets = _lsh_buckets([q, k], rotations, center_hash)
+      out = _hash_attention(q, k, v, buckets, strict=False, implementation=implementation)
+    else:
+      out = _qk_drop_attention(q, k, v, keep_mask(draw, drop_rate, q.shape[:3]), implementation)
+    return out.reshape(query.shape[:-1] + out.shape[-1:])
+
+  return attend
+
+
+def _check_causal_mask(mask, length: int) -> None:
+  shape = getattr(mask, "shape", None)
+  if shape is None or len(shape) < 2 or tuple(shape[-2:]) != (length, length):
+    raise ValueError(f"mask must be [batch..., heads, T, T] with T={length}, got mask.shape={shape}")
+  causal = np.tril(np.ones((length, length), bool))
+  message = "scfa_jax.attention_fn is always causal: mask must be the causal mask (or None), got another mask"
+  if not isinstance(mask, jax.core.Tracer):
+    if not np.array_equal(np.broadcast_to(np.asarray(mask) != 0, shape), np.broadcast_to(causal, shape)):
+      raise ValueError(message)
+    return
+
+  def check(is_causal):
+    if not is_causal:
+      raise ValueError(message)
+
+  jax.debug.callback(check, jnp.all((mask != 0) == causal))

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import scfa_jax
 import scfa_jax.nn
-from scfa_jax import lsh
+from scfa_jax import lsh, reference
 from scfa_jax.nn import SparseCausalSelfAttention
+from tests.scripts import run_script
 
 B, T, D, N = 2, 24, 32, 4
 H = D // N
@@ -170,3 +172,63 @@ def test_docstring_example_runs():
   result = doctest.testmod(scfa_jax.nn, verbose=False)
   assert result.attempted >= 2 and result.failed == 0
 
+
+@pytest.mark.parametrize("mode", ["dense", "hash", "qk_drop"])
+def test_attention_fn_in_multi_head_attention_equals_the_layer(mode):
+  """nnx.MultiHeadAttention with `attention_fn` is the layer with separate keys (shared_qk=False),
+  given the same weights and the key that the function draws from."""
+  fn = scfa_jax.attention_fn(mode, num_buckets=4, drop_rate=0.4, seed=3, implementation="xla")
+  mha = nnx.MultiHeadAttention(num_heads=N, in_features=D, use_bias=False, decode=False, attention_fn=fn,
+                               rngs=nnx.Rngs(0))  # fmt: skip
+  layer = _layer(mode, shared_qk=False)
+  for name, w in (("wq", mha.query), ("wk", mha.key), ("wv", mha.value), ("wo", mha.out)):
+    getattr(layer, name)[...] = w.kernel[...]  # [D, N, H] projections, [N, H, D] output
+  x = jax.random.normal(jax.random.key(1), (B, T, D))
+  got = mha(x)
+  np.testing.assert_allclose(got, layer(x, rngs=jax.random.key(3)), atol=2e-6, rtol=1e-5)
+  # The causal mask is accepted, also traced under jit, and changes nothing.
+  masked = nnx.jit(lambda m, x: m(x, mask=nnx.make_causal_mask(x[..., 0])))(mha, x)
+  np.testing.assert_allclose(masked, got, atol=1e-6, rtol=1e-6)
+
+
+def test_attention_fn_is_causal_hash_attention_on_the_functions_draw():
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 3, T, N, H))  # two batch axes
+  fn = jax.jit(scfa_jax.attention_fn("hash", num_buckets=4, implementation="xla"))
+  got = fn(q, k, v)
+  rotations = lsh.random_rotations(jax.random.key(0), N, H, 4)  # the default seed
+  flat = [x.reshape(6, T, N, H) for x in (q, k, v)]
+  buckets = [lsh.lsh_buckets(lsh.causal_center(x), rotations) for x in flat[:2]]
+  want = reference.hash_sparse_attention(*flat, q_buckets=buckets[0], k_buckets=buckets[1])
+  np.testing.assert_allclose(got, want.reshape(q.shape), atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(fn(q, k, v), got)  # no rng: the same draw every call
+  assert not np.allclose(fn(q, k, v, rng=jax.random.key(1)), got)  # a fresh draw
+  dense = scfa_jax.attention_fn("dense")(flat[0], flat[1], flat[2])
+  np.testing.assert_allclose(dense, jax.nn.dot_product_attention(*flat, is_causal=True), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("factory", "call", "match"),
+    [
+        ({"mode": "sparse"}, {}, "mode"),
+        ({"num_buckets": 5}, {}, "num_buckets"),
+        ({"mode": "qk_drop", "drop_rate": 1.0}, {}, "drop_rate"),
+        ({"implementation": "cudnn"}, {}, "implementation"),
+        ({}, {"key": jnp.ones((2, T + 1, N, H))}, "cross-attention"),
+        ({}, {"mask": jnp.ones((2, 1, T, T), bool)}, "causal"),
+        ({}, {"mask": jnp.tril(jnp.ones((T + 1, T + 1)))}, "mask must be"),
+        ({}, {"bias": jnp.zeros((2, N, T, T))}, "bias"),
+        ({}, {"dropout_rate": 0.1, "deterministic": False}, "dropout"),
+        ({}, {"module": object()}, "sow_weights"),
+    ],
+)
+def test_attention_fn_rejects_what_it_cannot_do(factory, call, match):
+  with pytest.raises(ValueError, match=match):
+    q = jnp.ones((2, T, N, H))
+    scfa_jax.attention_fn(**factory)(q, call.pop("key", q), q, **call)
+
+
+def test_flax_dropin_example_trains_and_answers_help():
+  assert "attention_fn" in run_script("flax_dropin_example.py", "--help").stdout
+  done = run_script("flax_dropin_example.py", "--steps=3", "--layers=1", "--width=32", "--length=32")
+  losses = [float(line.split("loss ")[1].split()[0]) for line in done.stdout.splitlines() if "loss " in line]
+  assert len(losses) == 2 and all(3.0 < loss < 7.0 for loss in losses), done.stdout  # near ln(257) = 5.5
