@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from flax import nnx
 from scfa_jax import decode
 from scfa_jax.model import GPT, GPTConfig, generate, sample_logits
 from scfa_jax.nn import SparseCausalSelfAttention
+from tests.scripts import run_script
 
 # A wide init makes an untrained model's greedy tokens vary instead of repeating one byte.
 CONFIG = GPTConfig(vocab_size=61, block_size=256, n_layer=2, n_head=2, n_embd=32, num_buckets=4, drop_rate=0.3,
@@ -227,3 +229,16 @@ def test_cache_rejects_bad_arguments():
     layer.prefill(jnp.zeros((1, 5, 32)), cache)
   with pytest.raises(ValueError, match=r"\[B, 1, D\]"):
     layer.decode_step(jnp.zeros((1, 2, 32)), cache)
+
+
+def test_bench_decode_runs_on_cpu_and_writes_json(tmp_path):
+  """The benchmark's CPU smoke test: a tiny preset, one case (--help is argparse's)."""
+  out = tmp_path / "bench.json"
+  run_script("bench_decode.py", "--preset=cpu_tiny", "--lengths=40", "--batch_sizes=2", "--steps=2", "--warmup=1",
+             "--recompute_repeats=1", "--page_size=8", "--modes=hash16_pages,recompute_hash16", f"--out={out}")  # fmt: skip
+  record = json.loads(out.read_text())
+  assert record["versions"]["jax"] == jax.__version__ and "device" in record["versions"]
+  rows = {row["mode"]: row for row in record["results"]}
+  assert set(rows) == {"hash16_pages", "recompute_hash16"}
+  assert all(row["tokens_per_s"] > 0 for row in rows.values()) and rows["hash16_pages"]["speedup_vs_recompute"] > 0
+  assert 1 / 16 <= rows["hash16_pages"]["largest_bucket_share"] <= 1
