@@ -56,7 +56,8 @@ MODES = {  # name: (attention, cache layout, what is timed)
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
 def _init_cache(graphdef, state, batch_size, max_length, page_size):
   model = nnx.merge(graphdef, state)
-  return model.init_cache(batch_size, max_length, rngs=nnx.Rngs(attention=jax.random.key(1)), page_size=page_size)
+  rngs = nnx.Rngs(attention=jax.random.key(1))
+  return model.init_cache(batch_size, max_length, rngs=rngs, page_size=page_size)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -73,7 +74,8 @@ def _decode_step(graphdef, state, cache, tokens):
 
 def bench_attention(attention, rows_wanted, *, length, batch, args) -> list[dict]:
   """The rows of one model (one attention): recompute and decode with either cache layout."""
-  config = preset(args.preset, attention=attention, num_buckets=16, block_size=length + args.warmup + args.steps)
+  block = length + args.warmup + args.steps
+  config = preset(args.preset, attention=attention, num_buckets=16, block_size=block)
   graphdef, state = nnx.split(GPT(config, rngs=nnx.Rngs(0)))
   prompt = jax.random.randint(jax.random.key(0), (batch, length), 0, config.vocab_size, jnp.int32)
   rows, first_prefill = [], {}  # layout: the first prefill's seconds, compilation included
@@ -91,7 +93,8 @@ def bench_attention(attention, rows_wanted, *, length, batch, args) -> list[dict
         token, cache = _prefill(graphdef, state, cache, prompt)
         times.append(_block(token, start))
       seconds = float(np.median(times))
-      row.update(ms_per_step=1e3 * seconds, tokens_per_s=batch / seconds, compile_s=first_prefill[layout] - seconds)
+      compile_s = first_prefill[layout] - seconds
+      row.update(ms_per_step=1e3 * seconds, tokens_per_s=batch / seconds, compile_s=compile_s)
     else:
       start = time.perf_counter()
       token, cache = _decode_step(graphdef, state, cache, token)
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--modes", default=",".join(MODES), help=f"among {list(MODES)}")
   parser.add_argument("--steps", type=int, default=32, help="timed decode steps per case")
   parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (>= 1: compiles)")
-  parser.add_argument("--recompute_repeats", type=int, default=3, help="timed forward passes per recompute row")
+  parser.add_argument("--recompute_repeats", type=int, default=3, help="timed forward passes per recompute")
   parser.add_argument("--page_size", type=int, default=256, help="rows per page of the bucket-paged cache")
   parser.add_argument("--out", default=None, help="JSON path (default results/bench_decode_<platform>.json)")
   args = parser.parse_args(argv)
@@ -173,7 +176,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         add_ratios(rows)
         write()
 
-  print(f"\n{'L':>6} {'B':>3} {'mode':>17} {'ms/step':>9} {'tokens/s':>9} {'vs recompute':>12} {'compile s':>9}")
+  header = [("L", 6), ("B", 3), ("mode", 17), ("ms/step", 9), ("tokens/s", 9), ("vs recompute", 12),
+            ("compile s", 9)]  # fmt: skip
+  print("\n" + " ".join(f"{name:>{width}}" for name, width in header))
   for row in rows:
     if "error" in row:
       print(f"{row['length']:>6} {row['batch']:>3} {row['mode']:>17}  {row['error'][:60]}")

@@ -92,10 +92,10 @@ class Decoder(nnx.Module):
 def attention_fns(options: Options) -> list:
   if options.attention == "dense":
     return [nnx.dot_product_attention] * options.layers
-  return [
-      scfa_jax.attention_fn(options.attention, num_buckets=options.num_buckets, drop_rate=options.drop_rate, seed=i)
-      for i in range(options.layers)
-  ]
+  make = lambda seed: scfa_jax.attention_fn(  # noqa: E731
+      options.attention, num_buckets=options.num_buckets, drop_rate=options.drop_rate, seed=seed
+  )
+  return [make(seed) for seed in range(options.layers)]
 
 
 def parse(argv: list[str]) -> Options:

@@ -29,7 +29,9 @@ round trip to the host to test the condition: larger reads mean fewer iterations
 ones less reading past a bucket's end."""
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, scale: float) -> jax.Array:
+def masked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, scale: float
+) -> jax.Array:
   """One query per (batch, head) against every cached key: [B, N, H] in q's dtype.
 
   q: [B, N, H]; k, v: [B, L, N, H]; allowed: bool [B, N, L]. Scores and softmax in float32;
@@ -165,7 +167,8 @@ def bucket_attention(
     p = jnp.exp(s - shift[..., None, None])
     rescale = jnp.exp(row_max - shift)
     denom = denom * rescale + jnp.sum(p, axis=(2, 3))
-    acc = acc * rescale[..., None] + jnp.einsum("bnps,bnpsh->bnh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pv = jnp.einsum("bnps,bnpsh->bnh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc = acc * rescale[..., None] + pv
     return new_max, denom, acc
 
   b, n, h = q.shape

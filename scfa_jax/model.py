@@ -179,15 +179,16 @@ class GPT(nnx.Module):
     if max_length is None:
       max_length = self.config.block_size
     if not isinstance(max_length, int) or not 1 <= max_length <= self.config.block_size:
-      raise ValueError(f"max_length must be an int in [1, block_size={self.config.block_size}], got {max_length=}")
+      block = self.config.block_size
+      raise ValueError(f"max_length must be an int in [1, block_size={block}], got {max_length=}")
     return tuple(
         block.attn.init_cache(batch_size, max_length, rngs=key, page_size=page_size)
         for block, key in zip(self.blocks, self._layer_keys(rngs))
     )
 
   def prefill(self, tokens: jax.Array, cache: tuple[AttentionCache, ...]) -> tuple[jax.Array, tuple]:
-    """Runs the prompt tokens int [B, T] into fresh caches: (logits float32 [B, V] of the
-    last position, caches of length T). Logits of the other positions are never formed."""
+    """Runs the prompt tokens int [B, T] into the caches, which start over: (logits float32
+    [B, V] of the last position, caches of length T). Logits of other positions are never formed."""
     x = self._embed(tokens, jnp.arange(tokens.shape[1]))
     cache = list(cache)
     for i, block in enumerate(self.blocks):
@@ -266,8 +267,9 @@ def sample_logits(
 ) -> jax.Array:
   """One token per row of logits [B, V]: int32 [B].
 
-  temperature 0 takes the most likely token (greedy); otherwise the logits are divided by
-  temperature, and top_k (None: all) keeps the k most likely. Ids in exclude are never drawn.
+  temperature (a Python float) 0 takes the most likely token (greedy); otherwise the logits
+  are divided by it, and top_k (None: all) keeps the k most likely. Ids in exclude are never
+  drawn.
   """
   if exclude:
     logits = logits.at[..., jnp.asarray(exclude)].set(-jnp.inf)
@@ -371,4 +373,5 @@ def _decode_and_sample(graphdef, state, cache, tokens, key, index, sampling):
 
 def _sample(logits, key, index, sampling):
   temperature, top_k, exclude = sampling
-  return sample_logits(logits, jax.random.fold_in(key, index), temperature=temperature, top_k=top_k, exclude=exclude)
+  key = jax.random.fold_in(key, index)
+  return sample_logits(logits, key, temperature=temperature, top_k=top_k, exclude=exclude)

@@ -56,7 +56,9 @@ def keep_mask(key: jax.Array, drop_rate: float, shape: tuple[int, int, int]) -> 
   the mask of one call on the whole sequence.
   """
   batch, length, heads = shape
-  draw = lambda t: jax.random.bernoulli(jax.random.fold_in(key, t), 1.0 - drop_rate, (batch, heads))  # noqa: E731
+  def draw(t):
+    return jax.random.bernoulli(jax.random.fold_in(key, t), 1.0 - drop_rate, (batch, heads))
+
   return jnp.moveaxis(jax.vmap(draw)(jnp.arange(length)), 0, 1)
 
 
@@ -273,7 +275,9 @@ class SparseCausalSelfAttention(nnx.Module):
       changes["v"] = cache.v.at[:, :length].set(v.astype(cache.v.dtype))
     return self._out(out), dataclasses.replace(cache, **changes)
 
-  def decode_step(self, x: jax.Array, cache: decode.AttentionCache) -> tuple[jax.Array, decode.AttentionCache]:
+  def decode_step(
+      self, x: jax.Array, cache: decode.AttentionCache
+  ) -> tuple[jax.Array, decode.AttentionCache]:
     """One new token per row, x [B, 1, D] at position cache.length: (y [B, 1, D], cache one longer).
 
     y equals the last row of the layer's output on the whole sequence so far (same
@@ -289,7 +293,9 @@ class SparseCausalSelfAttention(nnx.Module):
     position, scale = cache.length, self.head_dim**-0.5
     changes = dict(length=position + 1)
     if cache.k is not None:
-      write = lambda rows, row: jax.lax.dynamic_update_index_in_dim(rows, row.astype(rows.dtype), position, 1)  # noqa: E731
+      def write(rows, row):
+        return jax.lax.dynamic_update_index_in_dim(rows, row.astype(rows.dtype), position, 1)
+
       changes.update(k=write(cache.k, k), v=write(cache.v, v))
     earlier = jnp.arange(cache.max_length) < position  # [L]
     causal = jnp.arange(cache.max_length) <= position
@@ -455,7 +461,9 @@ def attention_fn(
   if not 0.0 <= drop_rate < 1.0:
     raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate=}")
   if implementation not in IMPLEMENTATIONS or (implementation == "cudnn" and mode != "dense"):
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} ('cudnn': dense only), got {implementation=}")
+    raise ValueError(
+        f"implementation must be one of {IMPLEMENTATIONS} ('cudnn': dense only), got {implementation=}"
+    )
   if not isinstance(seed, int) or isinstance(seed, bool):
     raise TypeError(f"seed must be an int, got {seed=}")
 
@@ -466,7 +474,7 @@ def attention_fn(
     if bias is not None:
       raise ValueError("bias is not supported by scfa_jax.attention_fn (the sparse kernels take no bias)")
     if module is not None:
-      raise ValueError("sow_weights is not supported by scfa_jax.attention_fn: attention weights are never formed")
+      raise ValueError("sow_weights is not supported by scfa_jax.attention_fn: it forms no attention weights")
     if dropout_rate > 0.0 and not deterministic:
       raise ValueError(f"attention dropout is not supported by scfa_jax.attention_fn, got {dropout_rate=}")
     for name, x in (("query", query), ("key", key), ("value", value)):

@@ -17,8 +17,8 @@ from scfa_jax.nn import SparseCausalSelfAttention
 from tests.scripts import run_script
 
 # A wide init makes an untrained model's greedy tokens vary instead of repeating one byte.
-CONFIG = GPTConfig(vocab_size=61, block_size=256, n_layer=2, n_head=2, n_embd=32, num_buckets=4, drop_rate=0.3,
-                   compute_dtype="float32", implementation="xla", init_std=0.3)  # fmt: skip
+CONFIG = GPTConfig(vocab_size=61, block_size=256, n_layer=2, n_head=2, n_embd=32, num_buckets=4,
+                   drop_rate=0.3, compute_dtype="float32", implementation="xla", init_std=0.3)  # fmt: skip
 MODES = {
     "dense": dict(attention="dense"),
     "hash": dict(attention="hash"),
@@ -124,7 +124,8 @@ def test_bucket_pages_give_the_masked_read_of_their_bucket_and_nothing_else():
   append = jax.jit(decode.append_to_pages)
   for t in range(17, length):
     pages = append(pages, k[:, t], v[:, t], buckets[:, t])
-  assert int(pages.used.max()) <= pages.k.shape[2] and np.array_equal(pages.counts.sum(-1), np.full((b, n), length))
+  assert int(pages.used.max()) <= pages.k.shape[2]
+  assert np.array_equal(pages.counts.sum(-1), np.full((b, n), length))
 
   q = jax.random.normal(kq, (b, n, h))
   q_bucket = jax.random.randint(kc, (b, n), 0, nb).at[0, 0].set(3).at[1, 1].set(0)
@@ -186,7 +187,8 @@ def test_generate_draws_what_recomputing_the_window_draws(name, prompt_length, s
   assert traced == {"prefill": 2, "decode_step": 1}, traced
   assert got.shape == (2, prompt_length + steps) and np.array_equal(got[:, :prompt_length], prompt)
   sampling = {name: value for name, value in options.items() if name != "page_size"}
-  np.testing.assert_array_equal(got, _full_recompute_sample(model, prompt, steps, jax.random.key(4), **sampling))
+  want = _full_recompute_sample(model, prompt, steps, jax.random.key(4), **sampling)
+  np.testing.assert_array_equal(got, want)
 
 
 def test_sampling_options():
@@ -234,11 +236,13 @@ def test_cache_rejects_bad_arguments():
 def test_bench_decode_runs_on_cpu_and_writes_json(tmp_path):
   """The benchmark's CPU smoke test: a tiny preset, one case (--help is argparse's)."""
   out = tmp_path / "bench.json"
-  run_script("bench_decode.py", "--preset=cpu_tiny", "--lengths=40", "--batch_sizes=2", "--steps=2", "--warmup=1",
-             "--recompute_repeats=1", "--page_size=8", "--modes=hash16_pages,recompute_hash16", f"--out={out}")  # fmt: skip
+  run_script("bench_decode.py", "--preset=cpu_tiny", "--lengths=40", "--batch_sizes=2", "--steps=2",
+             "--warmup=1", "--recompute_repeats=1", "--page_size=8", "--modes=hash16_pages,recompute_hash16",
+             f"--out={out}")  # fmt: skip
   record = json.loads(out.read_text())
   assert record["versions"]["jax"] == jax.__version__ and "device" in record["versions"]
   rows = {row["mode"]: row for row in record["results"]}
   assert set(rows) == {"hash16_pages", "recompute_hash16"}
-  assert all(row["tokens_per_s"] > 0 for row in rows.values()) and rows["hash16_pages"]["speedup_vs_recompute"] > 0
+  assert all(row["tokens_per_s"] > 0 for row in rows.values())
+  assert rows["hash16_pages"]["speedup_vs_recompute"] > 0
   assert 1 / 16 <= rows["hash16_pages"]["largest_bucket_share"] <= 1

@@ -56,7 +56,8 @@ def _numpy_attention(layer, x, key):
     mask = (strict if layer.shared_qk else causal) & (qb[..., :, None] == kb[..., None, :])
   elif layer.mode == "qk_drop":
     # The documented draw: position t's column from fold_in(key, t), whatever T is.
-    keep = np.stack([jax.random.bernoulli(jax.random.fold_in(key, t), 1 - layer.drop_rate, (B, N)) for t in range(T)], -1)
+    draw = [jax.random.bernoulli(jax.random.fold_in(key, t), 1 - layer.drop_rate, (B, N)) for t in range(T)]
+    keep = np.stack(draw, axis=-1)
     mask = causal & keep[..., :, None] & keep[..., None, :]
   s = np.einsum("btnh,bsnh->bnts", q, k) * H**-0.5
   s = np.where(mask, s, -np.inf)
