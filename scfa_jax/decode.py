@@ -194,6 +194,7 @@ class AttentionCache:
   k_buckets: jax.Array | None = None  # hash mode, position order: [B, L, N]
   pages: BucketPages | None = None  # hash mode with bucket pages, instead of k, v, k_buckets
   rotations: jax.Array | None = None  # hash mode: [N, H, num_buckets // 2]
-  q_unit_sum: jax.Array | None = None  # centered hash: float32 [B, N, H], sum of earlier unit queries
-  k_unit_sum: jax.Array | None = None  # the same for keys, when they are not the queries
+  # Centered hash: float32 [B, N, R], the sum of the earlier queries' projected unit vectors.
+  q_projected_sum: jax.Array | None = None
+  k_projected_sum: jax.Array | None = None  # the same for keys, when they are not the queries
   keep: jax.Array | None = None  # qk_drop: bool [B, L, N]

@@ -57,16 +57,38 @@ def unit_vectors(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def causal_center_next(x: jax.Array, earlier_sum: jax.Array, position) -> tuple[jax.Array, jax.Array]:
-  """`causal_center` of one more position, for decoding: (centered, earlier_sum + unit).
+def centered_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
+  """`lsh_buckets(causal_center(x), rotations)`, centered after the projection.
 
-  x: [B, 1, N, H] at `position` (an int or int32 scalar); earlier_sum: float32 [B, N, H],
-  the sum of the unit vectors of positions 0 .. position - 1. Returns float32 [B, 1, N, H]
-  and the sum that the next position needs.
+  The centering is linear, so centering the R projections of the unit vectors equals
+  projecting the centered vectors: the running mean then spans R values per token
+  instead of H (8 instead of 64 for 16 buckets of 64-dim heads). Same shapes and dtype
+  as `lsh_buckets`; equal buckets up to float rounding at near-ties.
   """
-  unit = unit_vectors(x)
+  _check_lsh_args(x, rotations)
+  projected = _project(unit_vectors(x), rotations)
+  earlier = jnp.cumsum(projected, axis=1) - projected
+  count = jnp.maximum(jnp.arange(x.shape[1], dtype=jnp.float32), 1.0)[None, :, None, None]
+  return _argmax_buckets(projected - earlier / count)
+
+
+def centered_buckets_next(
+    x: jax.Array, rotations: jax.Array, earlier_sum: jax.Array, position
+) -> tuple[jax.Array, jax.Array]:
+  """`centered_buckets` of one more position, for decoding: (buckets [B, N], new sum).
+
+  x: [B, N, H] at `position` (an int or int32 scalar); earlier_sum: float32 [B, N, R],
+  the sum of the projected unit vectors of positions 0 .. position - 1.
+  """
+  projected = _project(unit_vectors(x)[:, None], rotations)[:, 0]  # [B, N, R]
   count = jnp.maximum(jnp.asarray(position, jnp.float32), 1.0)
-  return unit - (earlier_sum / count)[:, None], earlier_sum + unit[:, 0]
+  return _argmax_buckets(projected - earlier_sum / count), earlier_sum + projected
+
+
+def projected_sum(x: jax.Array, rotations: jax.Array) -> jax.Array:
+  """float32 [B, N, R]: the sum over positions of x's projected unit vectors, the
+  `earlier_sum` that `centered_buckets_next` continues from after x [B, T, N, H]."""
+  return jnp.sum(_project(unit_vectors(x), rotations), axis=1)
 
 
 def lsh_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
@@ -78,12 +100,23 @@ def lsh_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
     x: [B, T, N, H] queries or keys.
     rotations: [N, H, R], e.g. from `random_rotations`.
   """
+  _check_lsh_args(x, rotations)
+  return _argmax_buckets(_project(x, rotations))
+
+
+def _check_lsh_args(x, rotations):
   if x.ndim != 4:
     raise ValueError(f"x must be [B, T, N, H], got x.shape={x.shape}")
   if rotations.ndim != 3 or rotations.shape[:2] != x.shape[2:]:
     raise ValueError(
         f"rotations must be [N, H, R] with (N, H) = {x.shape[2:]} from x, got {rotations.shape=}"
     )
-  projected = jnp.einsum("btnh,nhr->btnr", x.astype(jnp.float32), rotations.astype(jnp.float32))
+
+
+def _project(x, rotations):
+  return jnp.einsum("...nh,nhr->...nr", x.astype(jnp.float32), rotations.astype(jnp.float32))
+
+
+def _argmax_buckets(projected):
   buckets = jnp.argmax(jnp.concatenate([projected, -projected], axis=-1), axis=-1)
-  return buckets.astype(bucket_dtype(2 * rotations.shape[-1]))
+  return buckets.astype(bucket_dtype(2 * projected.shape[-1]))

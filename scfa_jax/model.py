@@ -1,7 +1,7 @@
 """The paper's GPT (nanoGPT-style) with SCFA attention, in Flax NNX.
 
-Pre-LayerNorm blocks without biases, GELU MLP 4x, learned absolute positions, tied
-input/output embeddings, N(0, 0.02) init with residual projections scaled by
+Pre-LayerNorm blocks without biases, GELU MLP 4x, learned absolute positions (or rotary
+queries and keys: positions="rope"), tied input/output embeddings, N(0, 0.02) init with residual projections scaled by
 1/sqrt(2 * n_layer). Params are float32; matmuls run in `compute_dtype` (bf16 by
 default) while the residual stream, LayerNorm statistics and logits stay float32.
 """
@@ -20,6 +20,10 @@ from scfa_jax.decode import AttentionCache
 from scfa_jax.nn import IMPLEMENTATIONS, MODES, SparseCausalSelfAttention, _draw_key
 
 
+POSITIONS = ("learned", "rope")
+ROPE_BASE = 10000.0
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GPTConfig:
   """Architecture of one GPT; every field can be overridden as --model.<field>=value."""
@@ -33,6 +37,7 @@ class GPTConfig:
   num_buckets: int = 16  # hash mode: LSH buckets per head (even)
   drop_rate: float = 0.0  # qk_drop mode: probability of dropping a (token, head)
   shared_qk: bool = True  # keys are the L2-normalised queries (the paper's LM)
+  positions: str = "learned"  # "learned": a position table added to the embeddings; "rope": rotary q/k
   center_hash: bool = True  # hash mode: bucket causally centered queries (lsh.causal_center); False: the paper's
   implementation: str | None = None  # None: Triton on GPU, XLA on CPU; or "xla", "triton", ...
   compute_dtype: str = "bfloat16"  # matmul dtype; params stay float32
@@ -52,6 +57,8 @@ class GPTConfig:
       raise ValueError(f"GPTConfig.num_buckets must be even and >= 2, got num_buckets={self.num_buckets}")
     if not 0.0 <= self.drop_rate < 1.0:
       raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got drop_rate={self.drop_rate}")
+    if self.positions not in POSITIONS:
+      raise ValueError(f"GPTConfig.positions must be one of {POSITIONS}, got positions={self.positions!r}")
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(
           f"GPTConfig.implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
@@ -109,6 +116,7 @@ class Block(nnx.Module):
         drop_rate=config.drop_rate,
         shared_qk=config.shared_qk,
         center_hash=config.center_hash,
+        rope_base=ROPE_BASE if config.positions == "rope" else None,
         implementation=config.implementation,
         dtype=dtype,
         init_std=config.init_std,
@@ -152,7 +160,8 @@ class GPT(nnx.Module):
     self.config = config
     init = nnx.initializers.normal(config.init_std)
     self.wte = nnx.Param(init(rngs.params(), (config.vocab_size, config.n_embd), jnp.float32))
-    self.wpe = nnx.Param(init(rngs.params(), (config.block_size, config.n_embd), jnp.float32))
+    learned = config.positions == "learned"
+    self.wpe = nnx.Param(init(rngs.params(), (config.block_size, config.n_embd), jnp.float32)) if learned else None
     self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
     self.ln_f = nnx.LayerNorm(config.n_embd, use_bias=False, rngs=rngs)
 
@@ -210,7 +219,8 @@ class GPT(nnx.Module):
 
   def _embed(self, tokens, positions):
     with jax.named_scope("embedding"):
-      return self.wte[...][tokens] + self.wpe[...][positions]
+      x = self.wte[...][tokens]
+      return x if self.wpe is None else x + self.wpe[...][positions]
 
   def _logits(self, x):
     with jax.named_scope("layer_norm"):

@@ -48,6 +48,19 @@ def bucket_sizes(buckets: jax.Array, num_buckets: int) -> jax.Array:
   return jnp.sum(jax.nn.one_hot(buckets, num_buckets, dtype=jnp.int32), axis=1)
 
 
+def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding of x [B, T, N, H] at positions int [T]: the pairs (x[i],
+  x[i + H/2]) rotate by position * base**(-2i/H), so that the product of a query and a key
+  depends on their offset, not on where they are. Computed in float32, returned in x's dtype.
+  Rotations keep norms: shared-QK keys (unit queries) stay the unit rotated queries."""
+  half = x.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = jnp.asarray(positions, jnp.float32)[:, None] * inv_freq  # [T, H/2]
+  cos, sin = jnp.cos(angle)[:, None], jnp.sin(angle)[:, None]  # [T, 1, H/2]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
 def keep_mask(key: jax.Array, drop_rate: float, shape: tuple[int, int, int]) -> jax.Array:
   """qk_drop's draw: bool [B, T, N], True where (batch, position, head) is kept.
 
@@ -123,6 +136,7 @@ class SparseCausalSelfAttention(nnx.Module):
       drop_rate: float = 0.0,
       shared_qk: bool = True,
       center_hash: bool = True,
+      rope_base: float | None = None,
       implementation: str | None = None,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
@@ -140,6 +154,8 @@ class SparseCausalSelfAttention(nnx.Module):
       shared_qk: keys are the L2-normalised queries (no key projection).
       center_hash: hash mode buckets the causally centered queries and keys
         (`lsh.causal_center`); False hashes them as they are, as the paper does.
+      rope_base: rotate queries and keys by their positions (rotary embedding, `rope`)
+        with this base, e.g. 10000.0, before attention and hashing; None: no rotation.
       implementation: passed to the scfa_jax functions (None, "xla", "triton",
         "interpret"); in dense mode "xla" and "cudnn" go to jax.nn, and the others
         mean cuDNN on a GPU with bf16/f16 compute, else XLA.
@@ -161,10 +177,15 @@ class SparseCausalSelfAttention(nnx.Module):
       raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate=}")
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation=}")
+    if rope_base is not None and not (isinstance(rope_base, (int, float)) and rope_base > 1):
+      raise ValueError(f"rope_base must be a number > 1 or None, got {rope_base=}")
+    if rope_base is not None and (width // num_heads) % 2:
+      raise ValueError(f"rope_base needs an even head dim, got {width=} // {num_heads=}")
     if implementation == "cudnn" and mode != "dense":
       raise ValueError(f"implementation='cudnn' only applies to mode='dense', got {mode=}")
     self.mode, self.num_buckets, self.drop_rate = mode, num_buckets, drop_rate
     self.shared_qk, self.center_hash, self.implementation = shared_qk, center_hash, implementation
+    self.rope_base = rope_base
     self.num_heads, self.head_dim = num_heads, width // num_heads
     # When True, hash mode sows its bucket sizes (`bucket_sizes`) for `nnx.capture`.
     self.record_buckets = False
@@ -183,7 +204,7 @@ class SparseCausalSelfAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None) -> jax.Array:
     """x: [B, T, D] -> [B, T, D]. rngs overrides the stream given at construction."""
-    q, k, v = self._project(x)
+    q, k, v = self._project(x, jnp.arange(x.shape[1]))
     if self.mode == "dense":
       out = self._dense(q, k, v)
     elif self.mode == "hash":
@@ -238,9 +259,8 @@ class SparseCausalSelfAttention(nnx.Module):
         fields.update(k=None, v=None)
         fields["pages"] = decode.empty_pages(b, n, h, self.num_buckets, max_length, page_size, self.dtype)
       if self.center_hash:
-        fields["q_unit_sum"] = jnp.zeros((b, n, h), jnp.float32)
-        if not self.shared_qk:
-          fields["k_unit_sum"] = jnp.zeros((b, n, h), jnp.float32)
+        sums = jnp.zeros((b, n, self.num_buckets // 2), jnp.float32)
+        fields.update(q_projected_sum=sums, k_projected_sum=None if self.shared_qk else sums)
     return decode.AttentionCache(**fields)
 
   def prefill(self, x: jax.Array, cache: decode.AttentionCache) -> tuple[jax.Array, decode.AttentionCache]:
@@ -253,7 +273,7 @@ class SparseCausalSelfAttention(nnx.Module):
     length = x.shape[1]
     if length > cache.max_length:
       raise ValueError(f"x holds {length} positions, more than the cache's max_length={cache.max_length}")
-    q, k, v = self._project(x)
+    q, k, v = self._project(x, jnp.arange(length))
     changes = dict(length=jnp.asarray(length, jnp.int32))
     if self.mode == "dense":
       out = self._dense(q, k, v)
@@ -267,9 +287,9 @@ class SparseCausalSelfAttention(nnx.Module):
       else:
         changes["k_buckets"] = cache.k_buckets.at[:, :length].set(buckets[-1])
       if self.center_hash:
-        changes["q_unit_sum"] = jnp.sum(lsh.unit_vectors(q), axis=1)
+        changes["q_projected_sum"] = lsh.projected_sum(q, cache.rotations)
         if not self.shared_qk:
-          changes["k_unit_sum"] = jnp.sum(lsh.unit_vectors(k), axis=1)
+          changes["k_projected_sum"] = lsh.projected_sum(k, cache.rotations)
     if cache.k is not None:
       changes["k"] = cache.k.at[:, :length].set(k.astype(cache.k.dtype))
       changes["v"] = cache.v.at[:, :length].set(v.astype(cache.v.dtype))
@@ -288,7 +308,7 @@ class SparseCausalSelfAttention(nnx.Module):
     """
     if x.ndim != 3 or x.shape[1] != 1:
       raise ValueError(f"x must be one token per row, [B, 1, D], got x.shape={x.shape}")
-    q, k, v = self._project(x)
+    q, k, v = self._project(x, cache.length[None])
     q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, N, H]
     position, scale = cache.length, self.head_dim**-0.5
     changes = dict(length=position + 1)
@@ -330,15 +350,17 @@ class SparseCausalSelfAttention(nnx.Module):
     sums = {}
 
     def bucket(x, name):
-      x = x[:, None]  # [B, 1, N, H]
       if self.center_hash:
-        x, sums[name] = lsh.causal_center_next(x, getattr(cache, name), cache.length)
-      return lsh.lsh_buckets(x, cache.rotations)[:, 0]
+        buckets, sums[name] = lsh.centered_buckets_next(
+            x, cache.rotations, getattr(cache, name), cache.length
+        )
+        return buckets
+      return lsh.lsh_buckets(x[:, None], cache.rotations)[:, 0]
 
     with jax.named_scope("lsh"):
-      q_bucket = bucket(q, "q_unit_sum")
+      q_bucket = bucket(q, "q_projected_sum")
       # Normalising does not change the angular hash: shared-QK keys take the query buckets.
-      k_bucket = q_bucket if self.shared_qk else bucket(k, "k_unit_sum")
+      k_bucket = q_bucket if self.shared_qk else bucket(k, "k_projected_sum")
     return q_bucket, k_bucket, sums
 
   def _key(self, rngs) -> jax.Array:
@@ -347,18 +369,22 @@ class SparseCausalSelfAttention(nnx.Module):
       raise ValueError(f"mode={self.mode!r} needs randomness: give rngs to the constructor or the call")
     return _draw_key(stream, self.rng_collection)
 
-  def _project(self, x):
-    """q, k, v [B, T, N, H] in the compute dtype."""
+  def _project(self, x, positions):
+    """q, k, v [B, T, N, H] in the compute dtype, q and k rotated by positions int [T] with rope_base."""
     x = x.astype(self.dtype)
     # Named scopes label each part's kernels in profiles (experiments/bench_model.py --profile).
     with jax.named_scope("qkv_projection"):
       proj = lambda w: jnp.einsum("btd,dnh->btnh", x, w[...].astype(self.dtype))  # noqa: E731
       q, v = proj(self.wq), proj(self.wv)
+      if self.rope_base is not None:
+        q = rope(q, positions, self.rope_base)
       if self.shared_qk:
         norm = jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1, keepdims=True))
         k = (q.astype(jnp.float32) / jnp.maximum(norm, 1e-6)).astype(self.dtype)
       else:
         k = proj(self.wk)
+        if self.rope_base is not None:
+          k = rope(k, positions, self.rope_base)
     return q, k, v
 
   def _out(self, out):
@@ -395,7 +421,7 @@ def _dense_attention(q, k, v, implementation):
 
 def _lsh_buckets(xs, rotations, center: bool) -> list[jax.Array]:
   with jax.named_scope("lsh"):
-    return [lsh.lsh_buckets(lsh.causal_center(x) if center else x, rotations) for x in xs]
+    return [(lsh.centered_buckets if center else lsh.lsh_buckets)(x, rotations) for x in xs]
 
 
 def _hash_attention(q, k, v, buckets, *, strict, implementation):

@@ -24,6 +24,8 @@ MODES = {
     "hash": dict(attention="hash"),
     "hash_unshared": dict(attention="hash", shared_qk=False),
     "qk_drop": dict(attention="qk_drop"),
+    "hash_rope": dict(attention="hash", positions="rope"),
+    "hash_unshared_rope": dict(attention="hash", shared_qk=False, positions="rope"),
 }
 STEPS = 6
 
@@ -66,6 +68,7 @@ def _check_against_full_model(model, prompt, steps, key, page_size=None, rtol=2e
 
 @pytest.mark.parametrize(("name", "prompt_length"), [
     ("dense", 200), ("hash", 1), ("hash", 200), ("hash_unshared", 5), ("qk_drop", 5), ("qk_drop", 200),
+    ("hash_rope", 1), ("hash_rope", 37), ("hash_unshared_rope", 5),
 ])  # fmt: skip
 def test_cached_greedy_decoding_equals_the_full_model(name, prompt_length):
   """Each decode step's logits are the full model's at that position (same rotations /

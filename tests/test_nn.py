@@ -12,7 +12,7 @@ from flax import nnx
 
 import scfa_jax
 import scfa_jax.nn
-from scfa_jax import lsh, reference
+from scfa_jax import lsh, nn, reference
 from scfa_jax.nn import SparseCausalSelfAttention
 from tests.scripts import run_script
 
@@ -112,6 +112,34 @@ def test_causal_center_never_looks_ahead():
   np.testing.assert_allclose(a[:, 0], unit[:, 0], rtol=1e-6)  # nothing earlier: the unit vector itself
   with pytest.raises(ValueError, match="x must be"):
     lsh.causal_center(x[0])
+
+
+def test_centered_buckets_equal_hashing_the_centered_vectors():
+  """Centering after the projection gives the buckets of `causal_center`'s output, and its
+  one-position form (decoding) continues them."""
+  x = jax.random.normal(jax.random.key(3), (2, 300, 3, 16)) + 0.7  # a common direction to remove
+  rotations = lsh.random_rotations(jax.random.key(4), 3, 16, 8)
+  full = lsh.centered_buckets(x, rotations)
+  assert full.dtype == jnp.uint8 and full.shape == (2, 300, 3)
+  np.testing.assert_array_equal(full, lsh.lsh_buckets(lsh.causal_center(x), rotations))
+  earlier = lsh.projected_sum(x[:, :200], rotations)
+  for t in range(200, 205):
+    bucket, earlier = lsh.centered_buckets_next(x[:, t], rotations, earlier, t)
+    np.testing.assert_array_equal(bucket, full[:, t])
+  with pytest.raises(ValueError, match="rotations must be"):
+    lsh.centered_buckets(x, rotations[:2])
+
+
+def test_rope_keeps_norms_and_makes_scores_depend_on_the_offset_only():
+  q, k = jax.random.normal(jax.random.key(5), (2, 1, 1, 3, 16))
+  at = lambda x, p: nn.rope(x, jnp.array([p]))[0, 0]  # noqa: E731
+  score = lambda m, n: jnp.sum(at(q, m) * at(k, n), axis=-1)  # noqa: E731
+  np.testing.assert_allclose(score(7, 3), score(104, 100), rtol=1e-4, atol=1e-5)
+  assert not np.allclose(score(7, 3), score(7, 5), rtol=1e-3)
+  np.testing.assert_allclose(jnp.linalg.norm(at(q, 50), axis=-1), jnp.linalg.norm(q[0, 0], axis=-1), rtol=1e-5)
+  np.testing.assert_array_equal(at(q, 0), q[0, 0])  # position 0 is not rotated
+  with pytest.raises(ValueError, match="rope_base"):
+    SparseCausalSelfAttention(width=6, num_heads=2, rope_base=10000.0, rngs=nnx.Rngs(0))
 
 
 def test_rngs_streams_and_reproducibility():
