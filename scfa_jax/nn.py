@@ -99,6 +99,10 @@ class SparseCausalSelfAttention(nnx.Module):
   model is meant to run; pass a fixed key to make evaluation deterministic, or use
   drop_rate=0.0 for plain causal attention.
 
+  Packed documents: `segment_ids` (int [B, T]) keep each token's attention inside its
+  own document in every mode (negative ids are padding: those rows output 0), and hash
+  mode's centering starts over at each document. Decoding takes one document per row.
+
   Decoding: `init_cache` makes a cache of fixed length and draws the rotations or keep
   mask once; `prefill` attends a prompt and fills the cache; `decode_step` attends one
   new token against it. The outputs are those of a call on the whole sequence with the
@@ -181,20 +185,36 @@ class SparseCausalSelfAttention(nnx.Module):
     except KeyError:  # neither that stream nor a default one: rngs must come with each call
       self.rngs = nnx.data(None)
 
-  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None) -> jax.Array:
-    """x: [B, T, D] -> [B, T, D]. rngs overrides the stream given at construction."""
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      segment_ids: jax.Array | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+  ) -> jax.Array:
+    """x: [B, T, D] -> [B, T, D]. rngs overrides the stream given at construction.
+
+    segment_ids: int [B, T] or None: packed documents; a token attends only earlier tokens
+    of its own segment, and negative ids are padding (output rows 0).
+    """
+    if segment_ids is not None:
+      if getattr(segment_ids, "shape", None) != x.shape[:2]:
+        shape = getattr(segment_ids, "shape", None)
+        raise ValueError(f"segment_ids must be [B, T] = {x.shape[:2]}, got segment_ids.shape={shape}")
+      if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"segment_ids must hold integers, got segment_ids.dtype={segment_ids.dtype}")
     q, k, v = self._project(x)
     if self.mode == "dense":
-      out = self._dense(q, k, v)
+      out = _dense_attention(q, k, v, self.implementation, segment_ids)
     elif self.mode == "hash":
       with jax.named_scope("lsh"):
         rotations = lsh.random_rotations(self._key(rngs), self.num_heads, self.head_dim, self.num_buckets)
-      buckets = self._buckets(q, k, rotations)
+      buckets = self._buckets(q, k, rotations, segment_ids)
       if self.record_buckets:
         self.sow(nnx.Intermediate, "bucket_sizes", bucket_sizes(buckets[0], self.num_buckets))
-      out = self._hash(q, k, v, buckets)
+      out = self._hash(q, k, v, buckets, segment_ids)
     else:
-      out = self._qk_drop(q, k, v, keep_mask(self._key(rngs), self.drop_rate, q.shape[:3]))
+      out = self._qk_drop(q, k, v, keep_mask(self._key(rngs), self.drop_rate, q.shape[:3]), segment_ids)
     return self._out(out)
 
   def init_cache(
@@ -368,55 +388,66 @@ class SparseCausalSelfAttention(nnx.Module):
   def _dense(self, q, k, v):
     return _dense_attention(q, k, v, self.implementation)
 
-  def _buckets(self, q, k, rotations) -> list[jax.Array]:
+  def _buckets(self, q, k, rotations, segment_ids=None) -> list[jax.Array]:
     """[query buckets] for shared-QK, else [query buckets, key buckets]: [B, T, N] each."""
     # Normalising does not change the angular hash, so shared-QK keys take the query buckets:
     # one array for both sides, inside the shard_map too, so that it is sorted once.
-    return _lsh_buckets([q] if self.shared_qk else [q, k], rotations, self.center_hash)
+    return _lsh_buckets([q] if self.shared_qk else [q, k], rotations, self.center_hash, segment_ids)
 
-  def _hash(self, q, k, v, buckets):
-    return _hash_attention(q, k, v, buckets, strict=self.shared_qk, implementation=self.implementation)
+  def _hash(self, q, k, v, buckets, segment_ids=None):
+    return _hash_attention(
+        q, k, v, buckets, strict=self.shared_qk, implementation=self.implementation, segment_ids=segment_ids
+    )
 
-  def _qk_drop(self, q, k, v, keep):
-    return _qk_drop_attention(q, k, v, keep, self.implementation)
+  def _qk_drop(self, q, k, v, keep, segment_ids=None):
+    return _qk_drop_attention(q, k, v, keep, self.implementation, segment_ids)
 
 
-def _dense_attention(q, k, v, implementation):
+def _dense_attention(q, k, v, implementation, segment_ids=None):
+  """jax.nn.dot_product_attention, causal; with segment ids also under a dense [B, 1, T, T]
+  same-document mask (jax.nn has no packed-sequence path; see docs/performance.md)."""
   if implementation not in ("xla", "cudnn"):
     # jax.nn's own None means XLA: ask for cuDNN where it applies (GPU, 16-bit inputs).
     half = q.dtype in (jnp.bfloat16, jnp.float16)
     implementation = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
-  attend = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-      q, k, v, is_causal=True, implementation=implementation
-  )
+
+  def attend(q, k, v, segment_ids=None):
+    if segment_ids is None:
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    real = segment_ids >= 0
+    mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & real[:, None, :, None]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+    return jnp.where(real[..., None, None], out, 0).astype(out.dtype)  # padding rows attend to nothing
+
   with jax.named_scope("attention_core"):
-    return batch_sharded(attend)(q, k, v)
+    return batch_sharded(attend)(q, k, v, *([] if segment_ids is None else [segment_ids]))
 
 
-def _lsh_buckets(xs, rotations, center: bool) -> list[jax.Array]:
+def _lsh_buckets(xs, rotations, center: bool, segment_ids=None) -> list[jax.Array]:
   with jax.named_scope("lsh"):
-    return [lsh.lsh_buckets(lsh.causal_center(x) if center else x, rotations) for x in xs]
+    return [lsh.lsh_buckets(lsh.causal_center(x, segment_ids) if center else x, rotations) for x in xs]
 
 
-def _hash_attention(q, k, v, buckets, *, strict, implementation):
+def _hash_attention(q, k, v, buckets, *, strict, implementation, segment_ids=None):
   """buckets: [query buckets] (keys share them) or [query buckets, key buckets]."""
 
-  def attend(q, k, v, q_buckets, k_buckets=None):
+  def attend(q, k, v, segment_ids, q_buckets, k_buckets=None):
     return api.hash_sparse_attention(
         q, k, v, q_buckets=q_buckets, k_buckets=q_buckets if k_buckets is None else k_buckets,
-        strict=strict, implementation=implementation,
+        q_segment_ids=segment_ids, k_segment_ids=segment_ids, strict=strict, implementation=implementation,
     )  # fmt: skip
 
   with jax.named_scope("attention_core"):
-    return batch_sharded(attend)(q, k, v, *buckets)
+    return batch_sharded(attend)(q, k, v, segment_ids, *buckets)
 
 
-def _qk_drop_attention(q, k, v, keep, implementation):
-  attend = lambda q, k, v, keep: api.qk_sparse_attention(  # noqa: E731
-      q, k, v, q_keep=keep, k_keep=keep, implementation=implementation
-  )
+def _qk_drop_attention(q, k, v, keep, implementation, segment_ids=None):
+  attend = lambda q, k, v, keep, segment_ids: api.qk_sparse_attention(  # noqa: E731
+      q, k, v, q_keep=keep, k_keep=keep, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
+      implementation=implementation,
+  )  # fmt: skip
   with jax.named_scope("attention_core"):
-    return batch_sharded(attend)(q, k, v, keep)
+    return batch_sharded(attend)(q, k, v, keep, segment_ids)
 
 
 def attention_fn(
