@@ -13,7 +13,6 @@ Index layout is head-major, [B, N, T], because sorting runs along T per (batch, 
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 
 import jax
@@ -108,7 +107,7 @@ def _joint_dense_rank(q_keys: tuple, k_keys: tuple) -> tuple[jax.Array, jax.Arra
   T + S (below T when both sides are the same arrays, which are then ranked once)."""
   same = all(a is b for a, b in zip(q_keys, k_keys, strict=True))
   t = q_keys[0].shape[1]
-  cols = [jnp.moveaxis(a if same else jnp.concatenate([a, b.astype(a.dtype)], 1), 1, -1)
+  cols = [jnp.moveaxis(a if same else jnp.concatenate([a, b], 1), 1, -1)
           for a, b in zip(q_keys, k_keys, strict=True)]  # fmt: skip
   pos = jax.lax.broadcasted_iota(jnp.int32, cols[0].shape, cols[0].ndim - 1)
   *keys, perm = jax.lax.sort((*cols, pos), dimension=-1, is_stable=True, num_keys=len(cols))
