@@ -123,7 +123,10 @@ class _TrainerStep:
   """One mode's step on the project's Trainer: __call__ runs one optimizer step."""
 
   def __init__(self, model_config: GPTConfig, batch: int, schedule_steps: int, tokens: np.ndarray, mode: str):
-    config = train.TrainConfig(model=model_config, batch_size=batch, steps=schedule_steps, checkpoint_every=0)
+    config = train.TrainConfig(
+        model=model_config, batch_size=batch, steps=schedule_steps, checkpoint_every=0,
+        segment_documents=False,  # dense attention has no fast document mask: all modes attend one stream
+    )  # fmt: skip
     model = None
     if mode == "no_attention":
       model = GPT(model_config, rngs=nnx.Rngs(params=config.seed))

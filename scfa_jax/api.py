@@ -69,6 +69,22 @@ def _check_non_negative(name: str, x) -> None:
     raise ValueError(f"{name} must be non-negative bucket ids, got min({name})={smallest}")
 
 
+def _check_segments(q_segment_ids, k_segment_ids, q, k) -> None:
+  if (q_segment_ids is None) != (k_segment_ids is None):
+    raise ValueError("q_segment_ids and k_segment_ids must be given together (or both left None)")
+  if q_segment_ids is None:
+    return
+  for name, x, expected, letters in (
+      ("q_segment_ids", q_segment_ids, q.shape[:2], "[B, T]"),
+      ("k_segment_ids", k_segment_ids, k.shape[:2], "[B, S]"),
+  ):
+    shape = _shape_of(name, x)
+    if shape != expected:
+      raise ValueError(f"{name} must have shape {letters} = {expected}, got {name}.shape={shape}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f"{name} must hold integers, got {name}.dtype={x.dtype}")
+
+
 def _resolve_implementation(implementation, q: jax.Array) -> core.Implementation:
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation=}")
@@ -117,6 +133,10 @@ def sparse_causal_attention(
   (batch, head), tokens should be sorted by (hash, idx) with padding last: any order
   gives the exact result, but sorting is what makes the kernels skip work.
 
+  There are no segment ids here: for packed documents, fold the document into the hash
+  (e.g. document * num_buckets + bucket, or the document alone without buckets) and sort
+  by (document, bucket, idx); a query then attends only keys of its own document.
+
   Args:
     q: [B, T, N, H]. k, v: [B, S, N, H].
     q_idx: int [B, T, N]. k_idx: int [B, S, N].
@@ -148,25 +168,31 @@ def qk_sparse_attention(
     *,
     q_keep: jax.Array,
     k_keep: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    k_segment_ids: jax.Array | None = None,
     scale: float | None = None,
     implementation: core.Implementation | None = None,
 ) -> jax.Array:
   """Causal attention among kept queries and keys (paper section 3.1, QK-dropping).
 
-  Query t attends key s iff q_keep[t], k_keep[s] and t >= s, per (batch, head).
-  Dropped queries output 0.
+  Query t attends key s iff q_keep[t], k_keep[s] and t >= s, per (batch, head), and,
+  with segment ids, q_segment_ids[t] == k_segment_ids[s]. Dropped queries output 0.
 
   Args:
     q: [B, T, N, H]. k, v: [B, S, N, H].
     q_keep: bool [B, T, N]. k_keep: bool [B, S, N].
+    q_segment_ids, k_segment_ids: int [B, T] and [B, S], both or neither: packed
+      documents; a query attends only keys of its own segment. Negative ids are padding:
+      they attend to nothing (output and gradients 0) and nothing attends to them.
     scale, implementation: as in `sparse_causal_attention`.
   """
   _check_qkv(q, k, v)
   _check_tokens("q_keep", q_keep, _token_shape(q), "bool")
   _check_tokens("k_keep", k_keep, _token_shape(k), "bool")
+  _check_segments(q_segment_ids, k_segment_ids, q, k)
   config = _config(q, False, scale, implementation)
   with jax.named_scope("scfa_sort"):
-    tokens = sorting.by_keep_mask(q_keep, k_keep)
+    tokens = sorting.by_keep_mask(q_keep, k_keep, q_segment_ids, k_segment_ids)
   return core.attention(q, k, v, tokens, config)
 
 
@@ -177,15 +203,17 @@ def hash_sparse_attention(
     *,
     q_buckets: jax.Array,
     k_buckets: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    k_segment_ids: jax.Array | None = None,
     strict: bool = False,
     scale: float | None = None,
     implementation: core.Implementation | None = None,
 ) -> jax.Array:
   """Causal attention inside buckets (paper section 3.2, hash-sparse).
 
-  Query t attends key s iff q_buckets[t] == k_buckets[s] and t >= s (t > s if strict).
-  Exact attention restricted to bucket collisions; a query whose bucket holds no
-  earlier key outputs 0.
+  Query t attends key s iff q_buckets[t] == k_buckets[s] and t >= s (t > s if strict),
+  and, with segment ids, q_segment_ids[t] == k_segment_ids[s]. Exact attention
+  restricted to bucket collisions; a query whose bucket holds no earlier key outputs 0.
 
   Args:
     q: [B, T, N, H]. k, v: [B, S, N, H].
@@ -193,6 +221,12 @@ def hash_sparse_attention(
       e.g. from `lsh_buckets`. (Values are checked outside jit only.) The sort is a
       radix sort over the buckets' own dtype: uint8, which `lsh_buckets` gives for up
       to 256 buckets, takes one pass; int32 four.
+    q_segment_ids, k_segment_ids: int [B, T] and [B, S], both or neither: packed
+      documents; a query attends only keys of its own segment, and the tile plan skips
+      the tiles between documents. Negative ids are padding: they attend to nothing
+      (output and gradients 0) and nothing attends to them. With segment ids the sort key
+      is int32 (segment rank and bucket in one key; two more sorts for buckets wider than
+      16 bits).
     strict, scale, implementation: as in `sparse_causal_attention`.
   """
   _check_qkv(q, k, v)
@@ -200,7 +234,8 @@ def hash_sparse_attention(
   _check_tokens("k_buckets", k_buckets, _token_shape(k), "int")
   _check_non_negative("q_buckets", q_buckets)
   _check_non_negative("k_buckets", k_buckets)
+  _check_segments(q_segment_ids, k_segment_ids, q, k)
   config = _config(q, strict, scale, implementation)
   with jax.named_scope("scfa_sort"):
-    tokens = sorting.by_bucket(q_buckets, k_buckets)
+    tokens = sorting.by_bucket(q_buckets, k_buckets, q_segment_ids, k_segment_ids)
   return core.attention(q, k, v, tokens, config)

@@ -32,7 +32,7 @@ def bucket_dtype(num_buckets: int) -> jnp.dtype:
   return jnp.dtype(jnp.int32)
 
 
-def causal_center(x: jax.Array) -> jax.Array:
+def causal_center(x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
   """Unit vectors minus the mean of the earlier ones: u[t] - mean_{s < t} u[s], u = x / |x|.
 
   float32 [B, T, N, H] for x [B, T, N, H] (the first position keeps u[0]). Transformer
@@ -42,13 +42,29 @@ def causal_center(x: jax.Array) -> jax.Array:
   the deeper layers' buckets hold 3x the pairs of uniform ones. Hashing the centered
   vectors keeps the buckets near uniform. The mean runs over earlier positions only, so
   a token's bucket never depends on the tokens after it.
+
+  segment_ids (int [B, T], packed documents): the mean starts over wherever the id
+  changes, so that a document's buckets do not depend on the documents before it.
   """
   if x.ndim != 4:
     raise ValueError(f"x must be [B, T, N, H], got x.shape={x.shape}")
   unit = unit_vectors(x)
-  earlier = jnp.cumsum(unit, axis=1) - unit
-  count = jnp.maximum(jnp.arange(x.shape[1], dtype=jnp.float32), 1.0)[None, :, None, None]
-  return unit - earlier / count
+  return unit - _earlier_mean(unit, segment_ids)
+
+
+def _earlier_mean(values: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  """The mean of values [B, T, ...] over the earlier positions of the same run of segment ids
+  (all positions when None); 0 at the first position of a run."""
+  earlier = jnp.cumsum(values, axis=1) - values
+  position = jnp.arange(values.shape[1], dtype=jnp.int32)[None]
+  if segment_ids is not None:
+    changed = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    run_start = jax.lax.cummax(jnp.where(changed, position, 0), axis=1)  # [B, T]
+    earlier -= jnp.take_along_axis(earlier, run_start[..., None, None], axis=1)
+    position = position - run_start
+  return earlier / jnp.maximum(position.astype(jnp.float32), 1.0)[..., None, None]
 
 
 def unit_vectors(x: jax.Array) -> jax.Array:
@@ -57,8 +73,8 @@ def unit_vectors(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def centered_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
-  """`lsh_buckets(causal_center(x), rotations)`, centered after the projection.
+def centered_buckets(x: jax.Array, rotations: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """`lsh_buckets(causal_center(x, segment_ids), rotations)`, centered after the projection.
 
   The centering is linear, so centering the R projections of the unit vectors equals
   projecting the centered vectors: the running mean then spans R values per token
@@ -67,9 +83,7 @@ def centered_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
   """
   _check_lsh_args(x, rotations)
   projected = _project(unit_vectors(x), rotations)
-  earlier = jnp.cumsum(projected, axis=1) - projected
-  count = jnp.maximum(jnp.arange(x.shape[1], dtype=jnp.float32), 1.0)[None, :, None, None]
-  return _argmax_buckets(projected - earlier / count)
+  return _argmax_buckets(projected - _earlier_mean(projected, segment_ids))
 
 
 def centered_buckets_next(

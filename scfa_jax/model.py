@@ -126,8 +126,9 @@ class Block(nnx.Module):
     self.ln_mlp = nnx.LayerNorm(config.n_embd, use_bias=False, dtype=dtype, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, rngs=None) -> jax.Array:
-    return self._residuals(x, lambda h: (self.attn(h, rngs=rngs), None))[0]
+  def __call__(self, x: jax.Array, *, segment_ids=None, positions=None, rngs=None) -> jax.Array:
+    attend = lambda h: (self.attn(h, segment_ids=segment_ids, positions=positions, rngs=rngs), None)  # noqa: E731
+    return self._residuals(x, attend)[0]
 
   def prefill(self, x: jax.Array, cache: AttentionCache) -> tuple[jax.Array, AttentionCache]:
     return self._residuals(x, lambda h: self.attn.prefill(h, cache))
@@ -153,7 +154,10 @@ class GPT(nnx.Module):
 
   `rngs` in the call feeds the attention layers' bucket / keep draws (one key per
   layer from its `attention` stream, or its default stream); without it each
-  layer uses the stream it was built with.
+  layer uses the stream it was built with. `segment_ids` and `positions` (int [B, T])
+  pack documents into one sequence: attention stays inside each segment, and the
+  position table (or the rotary embedding) reads `positions` (e.g. restarting at 0 at each document;
+  `scfa_jax.data.batches.document_segments` gives both from end-of-text tokens).
   """
 
   def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
@@ -165,15 +169,19 @@ class GPT(nnx.Module):
     self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
     self.ln_f = nnx.LayerNorm(config.n_embd, use_bias=False, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array, *, rngs=None) -> jax.Array:
+  def __call__(self, tokens: jax.Array, *, segment_ids=None, positions=None, rngs=None) -> jax.Array:
     _, t = tokens.shape
     if t > self.config.block_size:
       raise ValueError(f"sequence length {t} exceeds block_size={self.config.block_size}")
-    x = self._embed(tokens, jnp.arange(t))
+    for name, x in (("segment_ids", segment_ids), ("positions", positions)):
+      if x is not None and getattr(x, "shape", None) != tokens.shape:
+        shape = getattr(x, "shape", None)
+        raise ValueError(f"{name} must be int [B, T] = {tokens.shape}, got {name}.shape={shape}")
+    x = self._embed(tokens, jnp.arange(t) if positions is None else positions)
     run_block = nnx.remat(_run_block) if self.config.remat else _run_block
     # Keys drawn out here, one per layer, so that remat never mutates the Rngs.
     for block, key in zip(self.blocks, self._layer_keys(rngs)):
-      x = run_block(block, x, key)
+      x = run_block(block, x, key, segment_ids, positions)
     return self._logits(x)
 
   def init_cache(
@@ -258,8 +266,8 @@ def _tied_logits_bwd(residuals, g):
 tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
-def _run_block(block: Block, x: jax.Array, key: jax.Array | None) -> jax.Array:
-  return block(x, rngs=key)
+def _run_block(block: Block, x, key, segment_ids, positions) -> jax.Array:
+  return block(x, segment_ids=segment_ids, positions=positions, rngs=key)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -49,14 +49,14 @@ def bucket_sizes(buckets: jax.Array, num_buckets: int) -> jax.Array:
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
-  """Rotary position embedding of x [B, T, N, H] at positions int [T]: the pairs (x[i],
+  """Rotary position embedding of x [B, T, N, H] at positions int [T] or [B, T]: the pairs (x[i],
   x[i + H/2]) rotate by position * base**(-2i/H), so that the product of a query and a key
   depends on their offset, not on where they are. Computed in float32, returned in x's dtype.
   Rotations keep norms: shared-QK keys (unit queries) stay the unit rotated queries."""
   half = x.shape[-1] // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = jnp.asarray(positions, jnp.float32)[:, None] * inv_freq  # [T, H/2]
-  cos, sin = jnp.cos(angle)[:, None], jnp.sin(angle)[:, None]  # [T, 1, H/2]
+  angle = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq  # [(B,) T, H/2]
+  cos, sin = jnp.cos(angle)[..., None, :], jnp.sin(angle)[..., None, :]  # [(B,) T, 1, H/2]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
@@ -111,6 +111,10 @@ class SparseCausalSelfAttention(nnx.Module):
   The layer has no eval switch: hash and qk_drop stay sparse at evaluation, as the
   model is meant to run; pass a fixed key to make evaluation deterministic, or use
   drop_rate=0.0 for plain causal attention.
+
+  Packed documents: `segment_ids` (int [B, T]) keep each token's attention inside its
+  own document in every mode (negative ids are padding: those rows output 0), and hash
+  mode's centering starts over at each document. Decoding takes one document per row.
 
   Decoding: `init_cache` makes a cache of fixed length and draws the rotations or keep
   mask once; `prefill` attends a prompt and fills the cache; `decode_step` attends one
@@ -202,20 +206,38 @@ class SparseCausalSelfAttention(nnx.Module):
     except KeyError:  # neither that stream nor a default one: rngs must come with each call
       self.rngs = nnx.data(None)
 
-  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None) -> jax.Array:
-    """x: [B, T, D] -> [B, T, D]. rngs overrides the stream given at construction."""
-    q, k, v = self._project(x, jnp.arange(x.shape[1]))
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+  ) -> jax.Array:
+    """x: [B, T, D] -> [B, T, D]. rngs overrides the stream given at construction.
+
+    segment_ids: int [B, T] or None: packed documents; a token attends only earlier tokens
+    of its own segment, and negative ids are padding (output rows 0).
+    positions: int [T] or [B, T] for the rotary embedding (rope_base); None: 0 .. T-1.
+    """
+    if segment_ids is not None:
+      if getattr(segment_ids, "shape", None) != x.shape[:2]:
+        shape = getattr(segment_ids, "shape", None)
+        raise ValueError(f"segment_ids must be [B, T] = {x.shape[:2]}, got segment_ids.shape={shape}")
+      if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"segment_ids must hold integers, got segment_ids.dtype={segment_ids.dtype}")
+    q, k, v = self._project(x, jnp.arange(x.shape[1]) if positions is None else positions)
     if self.mode == "dense":
-      out = self._dense(q, k, v)
+      out = _dense_attention(q, k, v, self.implementation, segment_ids)
     elif self.mode == "hash":
       with jax.named_scope("lsh"):
         rotations = lsh.random_rotations(self._key(rngs), self.num_heads, self.head_dim, self.num_buckets)
-      buckets = self._buckets(q, k, rotations)
+      buckets = self._buckets(q, k, rotations, segment_ids)
       if self.record_buckets:
         self.sow(nnx.Intermediate, "bucket_sizes", bucket_sizes(buckets[0], self.num_buckets))
-      out = self._hash(q, k, v, buckets)
+      out = self._hash(q, k, v, buckets, segment_ids)
     else:
-      out = self._qk_drop(q, k, v, keep_mask(self._key(rngs), self.drop_rate, q.shape[:3]))
+      out = self._qk_drop(q, k, v, keep_mask(self._key(rngs), self.drop_rate, q.shape[:3]), segment_ids)
     return self._out(out)
 
   def init_cache(
@@ -370,7 +392,7 @@ class SparseCausalSelfAttention(nnx.Module):
     return _draw_key(stream, self.rng_collection)
 
   def _project(self, x, positions):
-    """q, k, v [B, T, N, H] in the compute dtype, q and k rotated by positions int [T] with rope_base."""
+    """q, k, v [B, T, N, H] in the compute dtype, q and k rotated by positions int [(B,) T] with rope_base."""
     x = x.astype(self.dtype)
     # Named scopes label each part's kernels in profiles (experiments/bench_model.py --profile).
     with jax.named_scope("qkv_projection"):
@@ -394,55 +416,68 @@ class SparseCausalSelfAttention(nnx.Module):
   def _dense(self, q, k, v):
     return _dense_attention(q, k, v, self.implementation)
 
-  def _buckets(self, q, k, rotations) -> list[jax.Array]:
+  def _buckets(self, q, k, rotations, segment_ids=None) -> list[jax.Array]:
     """[query buckets] for shared-QK, else [query buckets, key buckets]: [B, T, N] each."""
     # Normalising does not change the angular hash, so shared-QK keys take the query buckets:
     # one array for both sides, inside the shard_map too, so that it is sorted once.
-    return _lsh_buckets([q] if self.shared_qk else [q, k], rotations, self.center_hash)
+    return _lsh_buckets([q] if self.shared_qk else [q, k], rotations, self.center_hash, segment_ids)
 
-  def _hash(self, q, k, v, buckets):
-    return _hash_attention(q, k, v, buckets, strict=self.shared_qk, implementation=self.implementation)
+  def _hash(self, q, k, v, buckets, segment_ids=None):
+    return _hash_attention(
+        q, k, v, buckets, strict=self.shared_qk, implementation=self.implementation, segment_ids=segment_ids
+    )
 
-  def _qk_drop(self, q, k, v, keep):
-    return _qk_drop_attention(q, k, v, keep, self.implementation)
+  def _qk_drop(self, q, k, v, keep, segment_ids=None):
+    return _qk_drop_attention(q, k, v, keep, self.implementation, segment_ids)
 
 
-def _dense_attention(q, k, v, implementation):
+def _dense_attention(q, k, v, implementation, segment_ids=None):
+  """jax.nn.dot_product_attention, causal; with segment ids also under a dense [B, 1, T, T]
+  same-document mask (jax.nn has no packed-sequence path; see docs/performance.md)."""
   if implementation not in ("xla", "cudnn"):
     # jax.nn's own None means XLA: ask for cuDNN where it applies (GPU, 16-bit inputs).
     half = q.dtype in (jnp.bfloat16, jnp.float16)
     implementation = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
-  attend = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-      q, k, v, is_causal=True, implementation=implementation
-  )
+
+  def attend(q, k, v, segment_ids=None):
+    if segment_ids is None:
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    real = segment_ids >= 0
+    mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & real[:, None, :, None]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+    return jnp.where(real[..., None, None], out, 0).astype(out.dtype)  # padding rows attend to nothing
+
   with jax.named_scope("attention_core"):
-    return batch_sharded(attend)(q, k, v)
+    return batch_sharded(attend)(q, k, v, *([] if segment_ids is None else [segment_ids]))
 
 
-def _lsh_buckets(xs, rotations, center: bool) -> list[jax.Array]:
+def _lsh_buckets(xs, rotations, center: bool, segment_ids=None) -> list[jax.Array]:
   with jax.named_scope("lsh"):
-    return [(lsh.centered_buckets if center else lsh.lsh_buckets)(x, rotations) for x in xs]
+    if not center:
+      return [lsh.lsh_buckets(x, rotations) for x in xs]
+    return [lsh.centered_buckets(x, rotations, segment_ids) for x in xs]
 
 
-def _hash_attention(q, k, v, buckets, *, strict, implementation):
+def _hash_attention(q, k, v, buckets, *, strict, implementation, segment_ids=None):
   """buckets: [query buckets] (keys share them) or [query buckets, key buckets]."""
 
-  def attend(q, k, v, q_buckets, k_buckets=None):
+  def attend(q, k, v, segment_ids, q_buckets, k_buckets=None):
     return api.hash_sparse_attention(
         q, k, v, q_buckets=q_buckets, k_buckets=q_buckets if k_buckets is None else k_buckets,
-        strict=strict, implementation=implementation,
+        q_segment_ids=segment_ids, k_segment_ids=segment_ids, strict=strict, implementation=implementation,
     )  # fmt: skip
 
   with jax.named_scope("attention_core"):
-    return batch_sharded(attend)(q, k, v, *buckets)
+    return batch_sharded(attend)(q, k, v, segment_ids, *buckets)
 
 
-def _qk_drop_attention(q, k, v, keep, implementation):
-  attend = lambda q, k, v, keep: api.qk_sparse_attention(  # noqa: E731
-      q, k, v, q_keep=keep, k_keep=keep, implementation=implementation
-  )
+def _qk_drop_attention(q, k, v, keep, implementation, segment_ids=None):
+  attend = lambda q, k, v, keep, segment_ids: api.qk_sparse_attention(  # noqa: E731
+      q, k, v, q_keep=keep, k_keep=keep, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
+      implementation=implementation,
+  )  # fmt: skip
   with jax.named_scope("attention_core"):
-    return batch_sharded(attend)(q, k, v, keep)
+    return batch_sharded(attend)(q, k, v, keep, segment_ids)
 
 
 def attention_fn(

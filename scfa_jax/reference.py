@@ -19,11 +19,15 @@ def allowed_mask(
     k_hash: jax.Array | None = None,
     *,
     strict: bool = False,
+    q_segment_ids: jax.Array | None = None,
+    k_segment_ids: jax.Array | None = None,
 ) -> jax.Array:
   """The SCFA rule as a bool [B, N, T, S] mask, from [B, T, N] indices and buckets.
 
   allowed(i, j) = causal(q_idx[i], k_idx[j]) and q_hash[i] == k_hash[j] (when hashed),
   where causal is `>` if strict else `>=`; q_idx < 0 and k_idx >= 2**30 are padding.
+  With segment ids ([B, T] and [B, S]) also q_segment_ids[i] == k_segment_ids[j] >= 0:
+  negative ids are padding.
   """
   qi = jnp.swapaxes(q_idx, 1, 2)[..., :, None]
   kj = jnp.swapaxes(k_idx, 1, 2)[..., None, :]
@@ -31,6 +35,9 @@ def allowed_mask(
   mask &= (qi >= 0) & (kj < K_PAD)
   if q_hash is not None:
     mask &= jnp.swapaxes(q_hash, 1, 2)[..., :, None] == jnp.swapaxes(k_hash, 1, 2)[..., None, :]
+  if q_segment_ids is not None:
+    qs, ks = q_segment_ids[:, None, :, None], k_segment_ids[:, None, None, :]
+    mask &= (qs == ks) & (qs >= 0)
   return mask
 
 
@@ -49,10 +56,14 @@ def masked_attention(
 
 
 def sparse_causal_attention(
-    q, k, v, *, q_idx, k_idx, q_hash=None, k_hash=None, strict=False, scale=None
+    q, k, v, *, q_idx, k_idx, q_hash=None, k_hash=None, strict=False, scale=None, q_segment_ids=None,
+    k_segment_ids=None,
 ) -> jax.Array:
-  """Reference for `scfa_jax.sparse_causal_attention` (any token order)."""
-  mask = allowed_mask(q_idx, k_idx, q_hash, k_hash, strict=strict)
+  """Reference for `scfa_jax.sparse_causal_attention` (any token order); segment ids as in
+  `allowed_mask`."""
+  mask = allowed_mask(
+      q_idx, k_idx, q_hash, k_hash, strict=strict, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids
+  )
   return masked_attention(q, k, v, mask, scale=scale)
 
 
@@ -60,17 +71,24 @@ def _positions(batch: int, length: int, heads: int) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(length)[None, :, None], (batch, length, heads))
 
 
-def qk_sparse_attention(q, k, v, *, q_keep, k_keep, scale=None) -> jax.Array:
+def qk_sparse_attention(
+    q, k, v, *, q_keep, k_keep, scale=None, q_segment_ids=None, k_segment_ids=None
+) -> jax.Array:
   """Reference for `scfa_jax.qk_sparse_attention`: causal on original positions."""
   q_idx = jnp.where(q_keep, _positions(*q_keep.shape), -1)
   k_idx = jnp.where(k_keep, _positions(*k_keep.shape), K_PAD)
-  return sparse_causal_attention(q, k, v, q_idx=q_idx, k_idx=k_idx, scale=scale)
+  return sparse_causal_attention(
+      q, k, v, q_idx=q_idx, k_idx=k_idx, scale=scale, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids
+  )
 
 
-def hash_sparse_attention(q, k, v, *, q_buckets, k_buckets, strict=False, scale=None):
+def hash_sparse_attention(
+    q, k, v, *, q_buckets, k_buckets, strict=False, scale=None, q_segment_ids=None, k_segment_ids=None
+):
   """Reference for `scfa_jax.hash_sparse_attention`: same bucket and causal."""
   return sparse_causal_attention(
       q, k, v,
       q_idx=_positions(*q_buckets.shape), k_idx=_positions(*k_buckets.shape),
       q_hash=q_buckets, k_hash=k_buckets, strict=strict, scale=scale,
+      q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
   )  # fmt: skip

@@ -13,15 +13,20 @@ Index layout is head-major, [B, N, T], because sorting runs along T per (batch, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Q_PAD = -1
 """`q_idx` of a query slot that attends to nothing (dropped or padding)."""
 
 K_PAD = 2**30
 """`k_idx` of a key slot that nobody attends to (dropped or padding)."""
+
+PAD_KEY = int(np.iinfo(np.int32).max)
+"""Sort key (and hash) of padding and dropped tokens when segment ids join the key: sorts last."""
 
 
 @jax.tree_util.register_dataclass
@@ -95,18 +100,101 @@ def _stable_sort_both(q_keys: jax.Array, k_keys: jax.Array):
   return (perm[:b], keys[:b]), (perm[b:], keys[b:])
 
 
-def by_bucket(q_buckets: jax.Array, k_buckets: jax.Array) -> SortedTokens:
-  """Hash-sparse order: tokens stable-sorted by bucket, positions ascending inside."""
+def _joint_dense_rank(q_keys: tuple, k_keys: tuple) -> tuple[jax.Array, jax.Array]:
+  """Dense ranks of key tuples along axis 1, shared by the two sides: int32 [B, T, ...] and
+  [B, S, ...] for tuples of [B, T, ...] and [B, S, ...] integer arrays. Equal tuples get equal
+  ranks on both sides, ranks follow the tuples' lexicographic order, and every rank is below
+  T + S (below T when both sides are the same arrays, which are then ranked once)."""
+  same = all(a is b for a, b in zip(q_keys, k_keys, strict=True))
+  t = q_keys[0].shape[1]
+  cols = [jnp.moveaxis(a if same else jnp.concatenate([a, b], 1), 1, -1)
+          for a, b in zip(q_keys, k_keys, strict=True)]  # fmt: skip
+  pos = jax.lax.broadcasted_iota(jnp.int32, cols[0].shape, cols[0].ndim - 1)
+  *keys, perm = jax.lax.sort((*cols, pos), dimension=-1, is_stable=True, num_keys=len(cols))
+  changed = functools.reduce(jnp.logical_or, [x[..., 1:] != x[..., :-1] for x in keys])
+  new = jnp.concatenate([jnp.ones_like(changed[..., :1]), changed], axis=-1)
+  rank = jnp.cumsum(new, axis=-1, dtype=jnp.int32) - 1
+  _, rank = jax.lax.sort((perm, rank), dimension=-1, num_keys=1)  # back to the original order
+  rank = jnp.moveaxis(rank, -1, 1)
+  return (rank, rank) if same else (rank[:, :t], rank[:, t:])
+
+
+def _with_pads(q_key, k_key) -> SortedTokens:
+  """Ordered tokens from int32 sort keys [B, L, N] in which `PAD_KEY` marks padding."""
+  (q_perm, q_hash), (k_perm, k_hash) = _stable_sort_both(q_key, k_key)
+  q_idx = jnp.where(q_hash == PAD_KEY, Q_PAD, q_perm)
+  k_idx = jnp.where(k_hash == PAD_KEY, K_PAD, k_perm)
+  return SortedTokens(q_perm, k_perm, q_idx, k_idx, q_hash, k_hash, ordered=True)
+
+
+def _bucket_segment_keys(q_buckets, k_buckets, q_segment_ids, k_segment_ids):
+  """int32 sort keys [B, T, N] / [B, S, N] that are equal exactly for the same (segment, bucket)
+  and ordered like (segment rank, bucket); `PAD_KEY` for negative segment ids.
+
+  Narrow buckets (16 bits or less, like `lsh_buckets`' uint8) pack as rank * 2**bits + bucket,
+  when T + S times 2**bits stays below `PAD_KEY`: segment ranks are below T + S, so the
+  packed key cannot overflow. Otherwise (int32 buckets, or very long sequences) the key is
+  the joint rank of the (segment, bucket) pairs, below T + S, at the cost of two more sorts.
+  """
+  shared = q_buckets is k_buckets and q_segment_ids is k_segment_ids
+  dtype = jnp.result_type(q_buckets, k_buckets)
+  width = int(jnp.iinfo(dtype).max) + 1  # non-negative bucket ids lie in [0, width)
+  length = q_buckets.shape[1] + (0 if shared else k_buckets.shape[1])
+  if jnp.iinfo(dtype).bits <= 16 and length * width <= PAD_KEY:
+    q_rank, k_rank = _joint_dense_rank((q_segment_ids,), (k_segment_ids,))
+    q_key = q_rank[..., None] * width + q_buckets.astype(jnp.int32)
+    k_key = q_key if shared else k_rank[..., None] * width + k_buckets.astype(jnp.int32)
+  else:
+    per_head = lambda ids, buckets: jnp.broadcast_to(ids[..., None], buckets.shape)
+    q_seg = per_head(q_segment_ids, q_buckets)
+    k_seg = q_seg if shared else per_head(k_segment_ids, k_buckets)
+    q_key, k_key = _joint_dense_rank((q_seg, q_buckets), (k_seg, k_buckets))
+  pad = lambda key, seg: jnp.where(seg[..., None] < 0, PAD_KEY, key)
+  q_key = pad(q_key, q_segment_ids)
+  return q_key, (q_key if shared else pad(k_key, k_segment_ids))
+
+
+def by_bucket(
+    q_buckets: jax.Array,
+    k_buckets: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    k_segment_ids: jax.Array | None = None,
+) -> SortedTokens:
+  """Hash-sparse order: tokens stable-sorted by bucket, positions ascending inside.
+
+  With segment ids ([B, T] / [B, S]), by (segment, bucket, position): the hash of a slot is a
+  key that two tokens share exactly when segment and bucket agree, so each document's
+  buckets are runs of their own and the tile plan skips the tiles between documents.
+  Tokens of negative segment ids are padding, sorted last.
+  """
+  if q_segment_ids is not None:
+    return _with_pads(*_bucket_segment_keys(q_buckets, k_buckets, q_segment_ids, k_segment_ids))
   (q_perm, q_hash), (k_perm, k_hash) = _stable_sort_both(q_buckets, k_buckets)
   return SortedTokens(
       q_perm, k_perm, q_perm, k_perm, q_hash.astype(jnp.int32), k_hash.astype(jnp.int32), ordered=True
   )
 
 
-def by_keep_mask(q_keep: jax.Array, k_keep: jax.Array) -> SortedTokens:
+def by_keep_mask(
+    q_keep: jax.Array,
+    k_keep: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    k_segment_ids: jax.Array | None = None,
+) -> SortedTokens:
   """QK-sparse order: kept tokens compacted to the front in time order, dropped ones
   after them with idx `Q_PAD` / `K_PAD`; their perm still names their own row, so
-  outputs for them land at their original position."""
+  outputs for them land at their original position.
+
+  With segment ids ([B, T] / [B, S]) the kept tokens sort by (segment, position) and the
+  segment rank is their hash, so keys of another document are never attended; dropped
+  tokens and negative segment ids are padding, sorted last.
+  """
+  if q_segment_ids is not None:
+    q_rank, k_rank = _joint_dense_rank((q_segment_ids,), (k_segment_ids,))
+    key = lambda keep, seg, rank: jnp.where(keep & (seg >= 0)[..., None], rank[..., None], PAD_KEY)
+    q_key = key(q_keep, q_segment_ids, q_rank)
+    shared = k_keep is q_keep and k_segment_ids is q_segment_ids
+    return _with_pads(q_key, q_key if shared else key(k_keep, k_segment_ids, k_rank))
   q_dropped = (~q_keep).astype(jnp.uint8)
   k_dropped = q_dropped if k_keep is q_keep else (~k_keep).astype(jnp.uint8)
   (q_perm, q_dropped), (k_perm, k_dropped) = _stable_sort_both(q_dropped, k_dropped)

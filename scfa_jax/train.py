@@ -58,6 +58,11 @@ class TrainConfig:
   sample_tokens: int = 400  # tokens sampled from the trained model at the end; 0: none
   sample_prompt: str = "def "  # text the byte-level samples start from
   seed: int = 0  # params, batches, LSH rotations and keep masks all derive from it
+  # Data made of documents (an eot_token in its metadata): attention stays inside each document
+  # of a window (segment ids from end-of-text tokens) and positions restart at each one. False:
+  # windows attend across documents, as one stream (what the speed and quality comparisons use:
+  # dense attention has no packed-sequence kernel, only a dense mask).
+  segment_documents: bool = True
   out_dir: str = "runs/demo"  # metrics.jsonl, loss.png, samples.txt, checkpoints/
 
   def __post_init__(self):
@@ -145,9 +150,19 @@ def maybe_initialize_distributed(coordinator_address=None, num_processes=None, p
 # ----------------------------------------------------------------------------- steps
 
 
-def cross_entropy(model: GPT, windows: jax.Array, key: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy (nats) over windows int [B, T + 1]."""
-  logits = model(windows[:, :-1], rngs=nnx.Rngs(attention=key))
+def forward(model: GPT, tokens: jax.Array, key: jax.Array, eot_token: int | None = None) -> jax.Array:
+  """Logits of tokens int [B, T]; with eot_token, each document of a row on its own
+  (`batches.document_segments`)."""
+  rngs = nnx.Rngs(attention=key)
+  if eot_token is None:
+    return model(tokens, rngs=rngs)
+  segment_ids, positions = batches.document_segments(tokens, eot_token)
+  return model(tokens, segment_ids=segment_ids, positions=positions, rngs=rngs)
+
+
+def cross_entropy(model: GPT, windows: jax.Array, key: jax.Array, eot_token: int | None = None) -> jax.Array:
+  """Mean next-token cross-entropy (nats) over windows int [B, T + 1]; eot_token as in `forward`."""
+  logits = forward(model, windows[:, :-1], key, eot_token)
   with jax.named_scope("cross_entropy"):
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
 
@@ -162,14 +177,22 @@ class Trainer:
   model_def: nnx.GraphDef
   optimizer_def: nnx.GraphDef
   step: int = 0  # optimizer steps done; mirrors state["optimizer"]["step"] without a device sync
+  eot_token: int | None = None  # documents separated by this token attend within themselves; None: one stream
   _compiled_step: jax.stages.Compiled | None = None
 
   @classmethod
   def create(
-      cls, config: TrainConfig, mesh: jax.sharding.Mesh | None = None, *, model: nnx.Module | None = None
+      cls,
+      config: TrainConfig,
+      mesh: jax.sharding.Mesh | None = None,
+      *,
+      model: nnx.Module | None = None,
+      eot_token: int | None = None,
   ) -> Trainer:
     """The trainer of `GPT(config.model)`, or of `model` when given (any NNX module called as
-    `model(tokens, rngs=nnx.Rngs(attention=key))` -> float32 logits), on `mesh` (all devices)."""
+    `model(tokens, rngs=nnx.Rngs(attention=key))` -> float32 logits), on `mesh` (all devices).
+    With eot_token, the model is called with `segment_ids=` and `positions=` of the documents
+    that this token separates (`forward`)."""
     mesh = make_mesh() if mesh is None else mesh
     if config.micro_batch % mesh.size:
       raise ValueError(
@@ -182,7 +205,7 @@ class Trainer:
     model_def, model_state = nnx.split(model)
     optimizer_def, optimizer_state = nnx.split(opt)
     state = jax.device_put({"model": model_state, "optimizer": optimizer_state}, NamedSharding(mesh, P()))
-    trainer = cls(config, mesh, state, model_def, optimizer_def)
+    trainer = cls(config, mesh, state, model_def, optimizer_def, eot_token=eot_token)
     trainer._compile()
     trainer.sync_step()
     return trainer
@@ -195,7 +218,7 @@ class Trainer:
     self.step = int(jax.device_get(self.state["optimizer"]["step"][...]))
 
   def _compile(self) -> None:
-    model_def, optimizer_def = self.model_def, self.optimizer_def
+    model_def, optimizer_def, eot = self.model_def, self.optimizer_def, self.eot_token
     replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))  # [micro-batches, B, T + 1]
     self.eval_sharding = NamedSharding(self.mesh, P(DATA_AXIS))  # [B, T + 1]
@@ -206,7 +229,7 @@ class Trainer:
       params, rest = nnx.split(model, nnx.Param, ...)[1:]
 
       def micro_loss(params, windows, key):
-        return cross_entropy(nnx.merge(model_def, params, rest), windows, key)
+        return cross_entropy(nnx.merge(model_def, params, rest), windows, key, eot)
 
       def accumulate(total, inputs):
         i, micro = inputs
@@ -222,7 +245,7 @@ class Trainer:
       return {"model": nnx.state(model), "optimizer": nnx.state(opt)}, loss
 
     def eval_step(model_state, windows, key):
-      return cross_entropy(nnx.merge(model_def, model_state), windows, key)
+      return cross_entropy(nnx.merge(model_def, model_state), windows, key, eot)
 
     self._train_step = jax.jit(
         train_step,
@@ -239,8 +262,8 @@ class Trainer:
       for _, layer in nnx.iter_modules(model):
         if isinstance(layer, SparseCausalSelfAttention):
           layer.record_buckets = True
-      forward = lambda model: model(windows[:, :-1], rngs=nnx.Rngs(attention=key))  # noqa: E731
-      return nnx.capture(forward, nnx.Intermediate)(model)[1]
+      run = lambda model: forward(model, windows[:, :-1], key, eot)  # noqa: E731
+      return nnx.capture(run, nnx.Intermediate)(model)[1]
 
     self._bucket_step = jax.jit(
         bucket_step, in_shardings=(replicated, self.eval_sharding, replicated), out_shardings=replicated
@@ -446,7 +469,7 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
   splits, meta = load_data(config)
   if meta.vocab_size > config.model.vocab_size:
     raise ValueError(f"data vocab_size={meta.vocab_size} > model vocab_size={config.model.vocab_size}")
-  trainer = Trainer.create(config)
+  trainer = Trainer.create(config, eot_token=meta.eot_token if config.segment_documents else None)
   checkpoints = Checkpoints(out / "checkpoints") if config.checkpoint_every else None
   start = checkpoints.latest_step() if checkpoints else None
   if start is not None:

@@ -35,6 +35,10 @@ def plan_kernel_cases(long: int):
   def keep(b, length, n):
     return jnp.asarray(rng.random((b, length, n)) < np.linspace(0, 1, n))
 
+  def segments(b, length):  # runs of 1 to 40 tokens, a fifth of them padding (negative ids)
+    ids = np.repeat(np.arange(length), rng.integers(1, 40, length))[:length]
+    return jnp.asarray(np.where(ids % 5 == 4, -1, ids)[None].repeat(b, 0), jnp.int32)
+
   return [
       sorting.by_bucket(buckets(2, 100, 14), buckets(2, 83, 14)),
       sorting.by_bucket(buckets(1, 64, 14), buckets(1, 96, 14)),  # whole tiles
@@ -47,6 +51,10 @@ def plan_kernel_cases(long: int):
       sorting.by_keep_mask(jnp.ones((1, 37, 1), bool), jnp.zeros((1, 50, 1), bool)),
       sorting.by_bucket(buckets(1, 1, 3), buckets(1, 40, 3)),
       sorting.by_bucket(buckets(1, 40, 3), buckets(1, 1, 3)),
+      # Segment ids (packed documents) with padding: hashes that are segment keys, pads last.
+      # The first case's shapes, so that its jnp plans are compiled once.
+      sorting.by_bucket(buckets(2, 100, 14).astype(jnp.uint8), buckets(2, 83, 14).astype(jnp.uint8),
+                        segments(2, 100), segments(2, 83)),  # fmt: skip
   ]
 
 

@@ -127,3 +127,23 @@ def test_too_long_input_raises():
   model = GPT(TINY, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="block_size"):
     model(jnp.zeros((1, 33), jnp.int32), rngs=jax.random.key(0))
+
+
+def test_packed_documents_equal_separate_sequences():
+  """Segment ids and positions from end-of-text tokens (the training loader's) make a packed
+  row's logits those of each document run alone."""
+  from scfa_jax.data.batches import document_segments  # noqa: PLC0415
+
+  eot = 60
+  model = GPT(TINY, rngs=nnx.Rngs(0))  # hash attention; each mode's layer: test_nn.py
+  docs = [np.arange(1, 9), np.concatenate([[eot], np.arange(20, 27)]), np.array([eot, 5, 6, 7, 1, 2, 3, 4])]
+  tokens = jnp.asarray(np.concatenate(docs)[None], jnp.int32)
+  segment_ids, positions = document_segments(tokens, eot)
+  assert segment_ids[0].tolist() == [0] * 8 + [1] * 8 + [2] * 8
+  assert positions[0].tolist() == list(range(8)) * 3
+  run = nnx.jit(lambda model, tokens, **kw: model(tokens, **kw, rngs=nnx.Rngs(attention=3)))
+  packed = run(model, tokens, segment_ids=segment_ids, positions=positions)
+  alone = [run(model, jnp.asarray(d[None], jnp.int32)) for d in docs]
+  np.testing.assert_allclose(packed, jnp.concatenate(alone, axis=1), atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="positions must be int"):
+    model(tokens, positions=positions[:, :3])

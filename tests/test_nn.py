@@ -261,3 +261,25 @@ def test_flax_dropin_example_trains_and_answers_help():
   done = run_script("flax_dropin_example.py", "--steps=3", "--layers=1", "--width=32", "--length=32")
   losses = [float(line.split("loss ")[1].split()[0]) for line in done.stdout.splitlines() if "loss " in line]
   assert len(losses) == 2 and all(3.0 < loss < 7.0 for loss in losses), done.stdout  # near ln(257) = 5.5
+
+
+@pytest.mark.parametrize("mode", ["dense", "hash", "qk_drop"])
+def test_packed_documents_equal_separate_calls(mode):
+  """Segment ids make a packed row compute each document as a call on that document alone
+  (hash mode: the same rotations, and centering that starts over at each document);
+  padding rows give 0."""
+  layer = SparseCausalSelfAttention(width=D, num_heads=N, mode=mode, num_buckets=4, drop_rate=0.0,
+                                    implementation="xla", rngs=nnx.Rngs(0))  # fmt: skip
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 20, D))
+  seg = jnp.asarray([[0] * 9 + [1] * 9 + [-1] * 2], jnp.int32)
+  key = jax.random.key(2)
+  run = nnx.jit(lambda layer, x, **kw: layer(x, **kw, rngs=key))
+  packed = run(layer, x, segment_ids=seg)
+  alone = jnp.concatenate([run(layer, x[:, :9]), run(layer, x[:, 9:18])], axis=1)
+  np.testing.assert_allclose(packed[:, :18], alone, atol=2e-6, rtol=2e-5)
+  assert np.all(np.asarray(packed[:, 18:]) == 0.0)
+  assert not np.allclose(run(layer, x)[:, 9:18], alone[:, 9:])  # without segments, documents mix
+  with pytest.raises(ValueError, match=r"segment_ids must be \[B, T\]"):
+    layer(x, segment_ids=seg[:, :5], rngs=key)
+  with pytest.raises(TypeError, match="segment_ids must hold integers"):
+    layer(x, segment_ids=seg.astype(jnp.float32), rngs=key)

@@ -183,3 +183,20 @@ def test_main_script_end_to_end(tmp_path):
   assert (out / "loss.png").exists() and (out / "samples.txt").read_text().startswith("def ")
   steps = [r["step"] for r in train.MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "train"]
   assert steps[-1] == 3 and (out / "checkpoints").exists()
+
+
+def test_document_packing_is_on_for_documents_and_off_in_the_comparisons():
+  from experiments.configs import quality, stdlib_demo  # noqa: PLC0415
+
+  assert train.TrainConfig().segment_documents
+  for config in [*quality.CONFIGS.values(), *stdlib_demo.CONFIGS.values()]:
+    assert not config.segment_documents  # dense has no fast document mask: compare on one stream
+  segment_ids, positions = batches.document_segments(np.array([[7, 256, 1, 2, 256, 256, 3]]), 256)
+  np.testing.assert_array_equal(segment_ids, [[0, 1, 1, 1, 2, 3, 3]])
+  np.testing.assert_array_equal(positions, [[0, 0, 1, 2, 0, 0, 1]])
+  model = GPT(TINY_MODEL, rngs=nnx.Rngs(params=0))
+  windows = jnp.asarray(np.array([[1, 2, 256, 3, 4, 5, 256, 6, 7]] * 2), jnp.int32)
+  key = jax.random.key(0)
+  loss = nnx.jit(train.cross_entropy, static_argnums=3)
+  packed, stream = loss(model, windows, key, 256), loss(model, windows, key, None)
+  assert np.isfinite(packed) and packed != stream

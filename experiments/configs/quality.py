@@ -38,6 +38,7 @@ _BASE = TrainConfig(
     checkpoint_every=0,
     sample_tokens=0,
     seed=0,
+    segment_documents=False,  # one stream per window: dense attention has no fast document mask
 )
 
 CONFIGS = {

@@ -25,5 +25,6 @@ CONFIGS = {
         log_every=25,
         checkpoint_every=500,
         out_dir="runs/stdlib_demo",
+        segment_documents=False,  # hash against dense, as measured: each window one stream
     ),
 }

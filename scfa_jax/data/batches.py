@@ -8,6 +8,8 @@ process of a multi-host run slices its own rows out of the same global batch.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -57,3 +59,19 @@ def eval_batches(
   if record_length:
     starts = starts // record_length * record_length
   return _windows(tokens, starts.reshape(num_batches, batch_size), length)
+
+
+def document_segments(tokens, eot_token: int):
+  """Segment ids and positions of the documents packed in windows int [..., T].
+
+  An end-of-text token opens the document after it (it plays the start token the next
+  document's first prediction is made from), so segment t counts the end-of-text tokens
+  at positions <= t, and positions restart at 0 on each end-of-text token. A window's
+  first document starts at its first position. Returns int32 (segment_ids, positions),
+  both [..., T]; jnp, so that it runs inside the jitted step.
+  """
+  is_eot = jnp.asarray(tokens) == eot_token
+  segment_ids = jnp.cumsum(is_eot, axis=-1, dtype=jnp.int32)
+  index = jnp.broadcast_to(jnp.arange(is_eot.shape[-1], dtype=jnp.int32), is_eot.shape)
+  start = jax.lax.cummax(jnp.where(is_eot, index, 0), axis=is_eot.ndim - 1)
+  return segment_ids, index - start
