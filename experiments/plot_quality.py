@@ -40,6 +40,11 @@ def read(path: Path) -> dict:
   return {"name": name, "path": str(path), "run": run, "evals": evals, "trains": trains, "buckets": buckets}
 
 
+def _short(device: str) -> str:
+  """'gpu:NVIDIA H100 80GB HBM3 x1' -> 'H100'."""
+  return next((w for w in device.split() if w[:1] in "HABL" and w[1:].isdigit()), device)
+
+
 def loss_at_time(run: dict, seconds: float) -> float:
   """Validation loss at a training time, interpolated between evaluations."""
   times = [e.get("train_s", 0.0) for e in run["evals"]]
@@ -49,7 +54,10 @@ def loss_at_time(run: dict, seconds: float) -> float:
 
 def table(runs: list[dict]) -> list[dict]:
   dense = next((r for r in runs if r["name"] == "dense"), None)
-  equal_time = min(r["evals"][-1].get("train_s", 0.0) for r in runs)
+  # Equal time compares runs of the first run's device only: other GPUs run at other speeds.
+  device = runs[0]["run"]["device"]
+  same = [r for r in runs if r["run"]["device"] == device]
+  equal_time = min(r["evals"][-1].get("train_s", 0.0) for r in same)
   rows = []
   for r in runs:
     last = r["evals"][-1]
@@ -57,7 +65,8 @@ def table(runs: list[dict]) -> list[dict]:
         "run": r["name"], "seed": r["run"]["config"]["seed"], "device": r["run"]["device"],
         "steps": last["step"], "val_loss": last["val_loss"], "train_s": last.get("train_s"),
         "tokens_per_s": float(np.median([t["tokens_per_s"] for t in r["trains"][1:] or r["trains"]])),
-        "equal_time_s": equal_time, "val_loss_at_equal_time": loss_at_time(r, equal_time),
+        "equal_time_s": equal_time if r in same else None,
+        "val_loss_at_equal_time": loss_at_time(r, equal_time) if r in same else None,
     }  # fmt: skip
     if dense is not None:
       row["vs_dense"] = last["val_loss"] / dense["evals"][-1]["val_loss"] - 1
@@ -76,15 +85,19 @@ def plot(runs: list[dict], path: Path) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  devices = {r["run"]["device"] for r in runs}
   for r in runs:
     evals = r["evals"][1:]  # the loss at step 0 (ln 257) would squash the interesting range
-    by_step.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", ms=3, label=r["name"])
-    by_time.plot([e.get("train_s", 0.0) for e in evals], [e["val_loss"] for e in evals], "o-", ms=3, label=r["name"])
+    label = r["name"] if len(devices) == 1 else f"{r['name']} ({_short(r['run']['device'])})"
+    by_step.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", ms=3, label=label)
+    if r["run"]["device"] == runs[0]["run"]["device"]:  # times of other GPUs do not compare
+      by_time.plot([e.get("train_s", 0.0) for e in evals], [e["val_loss"] for e in evals], "o-", ms=3, label=label)
   by_step.set(xlabel="optimizer step", ylabel="validation loss (nats per byte)", title="equal steps")
   by_time.set(xlabel="training time (s)", title="equal time")
   by_step.legend()
-  model, device = runs[0]["run"]["config"]["model"], runs[0]["run"]["device"]
-  fig.suptitle(f"GPT {model['n_layer']} x {model['n_embd']}, T={model['block_size']}, {device}", fontsize=10)
+  model = runs[0]["run"]["config"]["model"]
+  where = runs[0]["run"]["device"] + ("" if len(devices) == 1 else " (equal time: runs of this device only)")
+  fig.suptitle(f"GPT {model['n_layer']} x {model['n_embd']}, T={model['block_size']}, {where}", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -2,12 +2,13 @@
 
 The paper's 12 x 768 shared-QK GPT on bytes (vocabulary 257) at T=8192, trained on this
 machine's Python sources (`--data=python`: the standard library and site-packages,
-prepared on first use, or beforehand with experiments/prepare_python.py). Each run fits
-one GPU command of under 10 minutes (dense: 376k tokens/s on an H100, so 4000 steps take
-about 6 minutes); every mode takes the same batches in the same order and evaluates on the
-same fixed validation windows with fixed attention randomness. 1000 steps are too few: a
-dense run ended on the plateau that byte-level models cross before they use their context
-(2.61 nats per byte, experiments/results/quality_dense_1000steps_h100.jsonl).
+prepared on first use, or beforehand with experiments/prepare_python.py), 2000 steps:
+about 3 minutes of training for dense on an H200 (400k tokens/s), so that each run fits
+one command of a few minutes. Every mode takes the same batches in the same order and
+evaluates on the same fixed validation windows with fixed attention randomness. Rotary
+positions: with the learned position table a dense run sat at 2.61 nats per byte from step
+250 to 1000 (experiments/results/quality_dense_1000steps_h100.jsonl); with rotary
+positions dense reaches 1.23 in 2000 steps (docs/performance.md, "Model quality").
 
     python experiments/train_lm.py --config=quality_dense_8k    # F-LM: cuDNN dense attention
     python experiments/train_lm.py --config=quality_hash16_8k   # H-LM: hash-sparse, 16 buckets
@@ -26,13 +27,13 @@ from scfa_jax.train import TrainConfig
 
 _BASE = TrainConfig(
     data="python",
-    model=preset("gpt122m", vocab_size=257, block_size=8192),
+    model=preset("gpt122m", vocab_size=257, block_size=8192, positions="rope"),
     batch_size=4,
-    steps=4000,
+    steps=2000,
     lr=6e-4,
     warmup_frac=0.05,
     min_lr_frac=0.1,
-    eval_every=500,
+    eval_every=250,
     eval_batches=4,
     log_every=10,
     checkpoint_every=0,
