@@ -305,13 +305,27 @@ def _hashes(tokens: SortedTokens) -> tuple[jax.Array, jax.Array]:
   return (tokens.q_hash, tokens.k_hash) if tokens.hashed else (tokens.q_idx, tokens.k_idx)
 
 
+# jax.default_matmul_precision names that ask float32 products for less than float32.
+_TF32_PRECISIONS = ("tensorfloat32", "high", "default", "bfloat16", "fastest", "bfloat16_3x")
+
+
+def input_precision(dtype) -> str:
+  """`tl.dot`'s input_precision for inputs of dtype: float32 inputs get IEEE float32
+  products unless `jax.default_matmul_precision` asks for less ("tensorfloat32", "high",
+  "default", ...: TF32, as XLA's float32 matmuls on these GPUs); 16-bit inputs multiply
+  exactly either way (their products accumulate in float32)."""
+  if jnp.dtype(dtype) != jnp.float32:
+    return "tf32"
+  return "tf32" if jax.config.jax_default_matmul_precision in _TF32_PRECISIONS else "ieee"
+
+
 def _call(config, q, k, tokens: SortedTokens) -> _Call:
   b, t, n, h = q.shape
   hashes = _hashes(tokens)
   meta = dict(
       QK_SCALE=config.scale * LOG2E, N=n, H=h, HASHED=tokens.hashed, STRICT=config.strict,
       CHECK_PADS=not tokens.ordered,  # our sorts' positions lie in [0, T): pads fail the causal test
-      PRECISION="ieee" if q.dtype == jnp.float32 else "tf32",
+      PRECISION=input_precision(q.dtype),
       WIDE=max(q.size, k.size) >= 2**31,  # 64-bit element offsets; 32-bit ones cost fewer instructions
   )  # fmt: skip
   lengths = (t, k.shape[1], tokens.q_perm.shape[-1], tokens.k_perm.shape[-1])  # rows, then slots

@@ -99,6 +99,24 @@ def test_against_float32_reference(dtype, h, t, mode, param, strict):
     assert _rel(got, want) < 2 * tol, f"d{name}"
 
 
+@pytest.mark.parametrize("mode", ["hash", "qk"])
+def test_float32_precision_follows_default_matmul_precision(mode):
+  """Float32 inputs: IEEE products by default and under "highest"; TF32 under "tensorfloat32",
+  whose error is TF32's (10-bit mantissa) and above the IEEE tolerance."""
+  key = jax.random.PRNGKey(7)
+  q, k, v = _inputs(key, 2, 777, 3, 64, jnp.float32)
+  masks = _masks(jax.random.fold_in(key, 1), mode, 2, 777, 3, 8 if mode == "hash" else 0.3)
+  ours, oracle = _fns(mode, masks, False)
+  with jax.default_matmul_precision("highest"):
+    want = jax.jit(oracle)(q, k, v)
+  errors = {}
+  for precision in (None, "highest", "tensorfloat32"):
+    with jax.default_matmul_precision(precision):
+      errors[precision] = _rel(jax.jit(functools.partial(ours, implementation="triton"))(q, k, v), want)
+  assert errors[None] < REL_TOL[jnp.float32] and errors["highest"] < REL_TOL[jnp.float32], errors
+  assert REL_TOL[jnp.float32] < errors["tensorfloat32"] < 2e-3, errors
+
+
 @pytest.mark.parametrize("t", [8192, 16384])
 def test_long_sequences_against_xla_backend(t):
   key = jax.random.PRNGKey(t)

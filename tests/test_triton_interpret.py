@@ -304,3 +304,16 @@ def test_backend_plans_from_the_kernel_equal_the_jnp_plans(hashed):
       assert jax.tree.structure(getattr(got, name)) == jax.tree.structure(plan), name
       for a, b in zip(jax.tree.leaves(getattr(got, name)), jax.tree.leaves(plan), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_float32_products_follow_default_matmul_precision():
+  """The kernels' tl.dot input precision: IEEE for float32 unless JAX is asked for less."""
+  from scfa_jax.triton_backend import input_precision
+
+  assert input_precision(jnp.float32) == "ieee"
+  with jax.default_matmul_precision("highest"):
+    assert input_precision(jnp.float32) == "ieee"
+  for name in ("tensorfloat32", "high", "default"):
+    with jax.default_matmul_precision(name):
+      assert input_precision(jnp.float32) == "tf32", name
+  assert input_precision(jnp.bfloat16) == input_precision(jnp.float16) == "tf32"  # exact 16-bit products
