@@ -4,8 +4,12 @@ One forward kernel and one backward family serve both modes: the HASHED and STRI
 constexprs pick the mask rule. Every kernel reads rows of q, k, v, dO through the sort
 permutation (`q_perm`, `k_perm`: rows of H contiguous elements in [B, T, N, H]) and
 stores O, dQ, dK, dV straight at the original rows, so the host never gathers,
-transposes or scatters them. Per-slot vectors (q_idx, k_idx, hashes, lse, delta) are
-head-major [B, N, LQ] / [B, N, LK] in sorted order, one slot per row: the slot counts LQ
+transposes or scatters them. Grouped-query attention: k and v have K heads, K dividing the
+N query heads, and query head n reads kv head n // (N // K) through its row offsets and
+its slot offset `(b * K + n // (N // K)) * LK`, so k and v are never repeated. The dK/dV
+kernel runs one program per key tile of a kv head and loops over the query heads of its
+group, accumulating in registers. Per-slot vectors (q_idx, k_idx, hashes, lse, delta) are
+head-major [B, N, LQ] / [B, K, LK] in sorted order, one slot per row: the slot counts LQ
 and LK equal the row counts T and S, and only they are declared multiples of 16 (ALIGNED).
 Slots past the end read no row. Lengths are runtime scalars, so one compiled kernel serves
 every length.
@@ -149,11 +153,17 @@ def _mask_tile(x, fill, tile, full_lo, full_hi, own_idx, own_hash, other_idx_ptr
 
 
 @triton.jit
-def _rows_to_read(valid, start_ptr, end_ptr, tile, SKIP_EMPTY: tl.constexpr):
+def _rows_to_read(valid, start_ptr, end_ptr, tile, tile_stride, GROUP: tl.constexpr, SKIP_EMPTY: tl.constexpr):
   """The rows of a tile worth reading: with SKIP_EMPTY none when the tile's range is empty.
-  Such a tile (QK mode's dropped tail: most of them at high drop rates) only stores zeros."""
+  Such a tile (QK mode's dropped tail: most of them at high drop rates) only stores zeros.
+  A kv head's key tile serves GROUP query heads, whose ranges lie tile_stride apart: it is
+  read when any of them is not empty."""
   if SKIP_EMPTY:
-    valid = tl.where(tl.load(start_ptr + tile) < tl.load(end_ptr + tile), valid, False)  # `&` breaks the interpreter
+    work = tl.load(end_ptr + tile) - tl.load(start_ptr + tile)
+    for g in range(1, GROUP):
+      at = tile + g * tile_stride
+      work = tl.maximum(work, tl.load(end_ptr + at) - tl.load(start_ptr + at))
+    valid = tl.where(work > 0, valid, False)  # `&` breaks the interpreter
   return valid
 
 
@@ -184,18 +194,18 @@ def _parts(start_ptr, end_ptr, full_start_ptr, full_end_ptr, tile, PART: tl.cons
 @triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, q, q_idx, q_hash,
-    k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
-    QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
+    k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, kv, S, LK, lo, hi, full_lo, full_hi,
+    QK_SCALE: tl.constexpr, K: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     WIDE: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):  # fmt: skip
-  k_offset, k_valid = _tile_rows(k_perm_ptr, lo, LK, b, n, S, BLOCK_N, N, H, WIDE)
+  k_offset, k_valid = _tile_rows(k_perm_ptr, lo, LK, b, kv, S, BLOCK_N, K, H, WIDE)
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = slot < LK
     k_offset, k_valid, next_offset, next_valid = _streamed_rows(
-        k_offset, k_valid, k_perm_ptr, j, LK, b, n, S, BLOCK_N, N, H, WIDE, PREFETCH
+        k_offset, k_valid, k_perm_ptr, j, LK, b, kv, S, BLOCK_N, K, H, WIDE, PREFETCH
     )
     k = _load_rows(k_ptr, k_offset, k_valid, H)
     v = _load_rows(v_ptr, k_offset, k_valid, H)
@@ -227,23 +237,25 @@ def scfa_fwd(
     q_ptr, k_ptr, v_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
     start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, T, S, LQ, LK,
     o_ptr, lse_ptr,
-    QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QK_SCALE: tl.constexpr, N: tl.constexpr, K: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
     PREFETCH: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr,
 ):  # fmt: skip
-  """One program per (query tile, batch * head): O and lse for BLOCK_M sorted query slots."""
+  """One program per (query tile, batch * query head): O and lse for BLOCK_M sorted query slots."""
   LQ = _multiple_of_16(LQ, ALIGNED)
   LK = _multiple_of_16(LK, ALIGNED)
   pid_m = tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // N
   n = bh % N
+  kv_bh = bh // (N // K)  # b * K + the kv head of query head n
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
   in_bounds = slot < LQ
   q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H, WIDE)
   tile = bh * tl.num_programs(0) + pid_m
-  q = _load_rows(q_ptr, q_offset, _rows_to_read(q_valid, start_n_ptr, end_n_ptr, tile, SKIP_EMPTY), H)
+  q = _load_rows(q_ptr, q_offset, _rows_to_read(q_valid, start_n_ptr, end_n_ptr, tile, 0, 1, SKIP_EMPTY), H)
   q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
 
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -254,8 +266,8 @@ def scfa_fwd(
     if lo < hi:
       acc, m_i, l_i = _fwd_tiles(
           acc, m_i, l_i, q, q_idx, q_hash,
-          k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
-          lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
+          k_ptr, v_ptr, k_perm_ptr + kv_bh * LK, k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK, b, kv_bh % K, S,
+          LK, lo, hi, full_lo, full_hi, QK_SCALE, K, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
           SCALE_AFTER_MAX, part != 1, ONE_LOOP, PREFETCH,
       )  # fmt: skip
 
@@ -305,43 +317,53 @@ def scfa_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, do_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
     lse_ptr, delta_ptr, start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, S, LQ, LK,
     dk_ptr, dv_ptr,
-    SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
+    SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):  # fmt: skip
-  """One program per (key tile, batch * head): dK and dV of BLOCK_N sorted key slots.
+  """One program per (key tile, batch * kv head): dK and dV of BLOCK_N sorted key slots.
 
-  delta = rowsum(dO * O) per sorted query slot, [B, N, LQ], as `scfa_bwd_dq` stores it.
+  The plan's key view holds one range per (query head, key tile) of [B, N, num_k_tiles]: the
+  program walks the ranges of the N // K query heads of its kv head in turn, accumulating
+  dK and dV in registers, so the group's sum takes no atomics, no partials in HBM and is
+  summed in a fixed order (deterministic). delta = rowsum(dO * O) per sorted query slot,
+  [B, N, LQ], as `scfa_bwd_dq` stores it.
   """
+  GROUP: tl.constexpr = N // K
   LQ = _multiple_of_16(LQ, ALIGNED)
   LK = _multiple_of_16(LK, ALIGNED)
   pid_n = tl.program_id(0)
-  bh = tl.program_id(1)
-  b = bh // N
-  n = bh % N
+  kv_bh = tl.program_id(1)
+  b = kv_bh // K
   slot = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
   in_bounds = slot < LK
-  k_offset, k_valid = _row_offsets(k_perm_ptr + bh * LK, slot, in_bounds, b, n, S, N, H, WIDE)
-  tile = bh * tl.num_programs(0) + pid_n
-  k_read = _rows_to_read(k_valid, start_m_ptr, end_m_ptr, tile, SKIP_EMPTY)
+  k_offset, k_valid = _row_offsets(k_perm_ptr + kv_bh * LK, slot, in_bounds, b, kv_bh % K, S, K, H, WIDE)
+  num_tiles = tl.num_programs(0)
+  first_tile = kv_bh * GROUP * num_tiles + pid_n  # the plan's tile of the group's first query head
+  k_read = _rows_to_read(k_valid, start_m_ptr, end_m_ptr, first_tile, num_tiles, GROUP, SKIP_EMPTY)
   k = _load_rows(k_ptr, k_offset, k_read, H)
   v = _load_rows(v_ptr, k_offset, k_read, H)
-  k_idx, k_hash = _token_keys(k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, slot, in_bounds, K_PAD, HASHED)
+  k_idx, k_hash = _token_keys(k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK, slot, in_bounds, K_PAD, HASHED)
 
   dk = tl.zeros([BLOCK_N, H], tl.float32)
   dv = tl.zeros([BLOCK_N, H], tl.float32)
-  for part in tl.static_range(3 - 2 * ONE_LOOP):
-    lo, hi, full_lo, full_hi = _parts(start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, tile, part, ONE_LOOP)
-    if lo < hi:
-      dk, dv = _dkdv_tiles(
-          dk, dv, k, v, k_idx, k_hash,
-          q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
-          delta_ptr + bh * LQ, b, n, T, LQ,
-          lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-          part != 1, ONE_LOOP, PREFETCH,
-      )  # fmt: skip
+  for g in range(GROUP):
+    bh = kv_bh * GROUP + g  # b * N + the query head
+    tile = first_tile + g * num_tiles
+    for part in tl.static_range(3 - 2 * ONE_LOOP):
+      lo, hi, full_lo, full_hi = _parts(
+          start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, tile, part, ONE_LOOP
+      )
+      if lo < hi:
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, k_idx, k_hash,
+            q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
+            delta_ptr + bh * LQ, b, bh % N, T, LQ,
+            lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
+            part != 1, ONE_LOOP, PREFETCH,
+        )  # fmt: skip
 
   offsets = k_offset[:, None] + tl.arange(0, H)[None, :]
   tl.store(dk_ptr + offsets, (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=k_valid[:, None])
@@ -351,17 +373,17 @@ def scfa_bwd_dkdv(
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse, delta, q_idx, q_hash,
-    k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, n, S, LK, lo, hi, full_lo, full_hi,
-    QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
+    k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, kv, S, LK, lo, hi, full_lo, full_hi,
+    QK_SCALE: tl.constexpr, K: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
-  k_offset, k_valid = _tile_rows(k_perm_ptr, lo, LK, b, n, S, BLOCK_N, N, H, WIDE)
+  k_offset, k_valid = _tile_rows(k_perm_ptr, lo, LK, b, kv, S, BLOCK_N, K, H, WIDE)
   for j in range(lo, hi):
     slot = j * BLOCK_N + tl.arange(0, BLOCK_N)
     in_bounds = slot < LK
     k_offset, k_valid, next_offset, next_valid = _streamed_rows(
-        k_offset, k_valid, k_perm_ptr, j, LK, b, n, S, BLOCK_N, N, H, WIDE, PREFETCH
+        k_offset, k_valid, k_perm_ptr, j, LK, b, kv, S, BLOCK_N, K, H, WIDE, PREFETCH
     )
     k = _load_rows(k_ptr, k_offset, k_valid, H)
     v = _load_rows(v_ptr, k_offset, k_valid, H)
@@ -383,13 +405,13 @@ def scfa_bwd_dq(
     q_ptr, k_ptr, v_ptr, do_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
     lse_ptr, o_ptr, start_n_ptr, end_n_ptr, full_start_n_ptr, full_end_n_ptr, T, S, LQ, LK,
     dq_ptr, delta_ptr,
-    SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr,
+    SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):  # fmt: skip
-  """One program per (query tile, batch * head): dQ of BLOCK_M sorted query slots.
+  """One program per (query tile, batch * query head): dQ of BLOCK_M sorted query slots.
 
   Also stores delta = rowsum(dO * O) per sorted slot for `scfa_bwd_dkdv`, which runs
   after it: the rows are loaded here anyway, so delta costs no pass of its own.
@@ -400,11 +422,12 @@ def scfa_bwd_dq(
   bh = tl.program_id(1)
   b = bh // N
   n = bh % N
+  kv_bh = bh // (N // K)  # b * K + the kv head of query head n
   slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
   in_bounds = slot < LQ
   q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H, WIDE)
   tile = bh * tl.num_programs(0) + pid_m
-  q_read = _rows_to_read(q_valid, start_n_ptr, end_n_ptr, tile, SKIP_EMPTY)  # unread rows: O = 0, delta = 0
+  q_read = _rows_to_read(q_valid, start_n_ptr, end_n_ptr, tile, 0, 1, SKIP_EMPTY)  # unread rows: O = 0, delta = 0
   q = _load_rows(q_ptr, q_offset, q_read, H)
   do = _load_rows(do_ptr, q_offset, q_read, H)
   delta = tl.sum(do.to(tl.float32) * _load_rows(o_ptr, q_offset, q_read, H).to(tl.float32), 1)
@@ -418,8 +441,8 @@ def scfa_bwd_dq(
     if lo < hi:
       dq = _dq_tiles(
           dq, q, do, lse, delta, q_idx, q_hash,
-          k_ptr, v_ptr, k_perm_ptr + bh * LK, k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, b, n, S, LK,
-          lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
+          k_ptr, v_ptr, k_perm_ptr + kv_bh * LK, k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK, b, kv_bh % K, S,
+          LK, lo, hi, full_lo, full_hi, QK_SCALE, K, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
           part != 1, ONE_LOOP, PREFETCH,
       )  # fmt: skip
   offsets = q_offset[:, None] + tl.arange(0, H)[None, :]

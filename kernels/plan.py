@@ -60,18 +60,22 @@ def scfa_plan(
     own_idx_ptr, own_hash_ptr, other_idx_ptr, other_hash_ptr, OWN_LENGTH, OTHER_LENGTH,
     start_ptr, end_ptr, full_start_ptr, full_end_ptr,
     BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr, QUERY_MAJOR: tl.constexpr, STRICT: tl.constexpr,
-    HASHED: tl.constexpr, TILES: tl.constexpr, LOG_LENGTH: tl.constexpr,
+    HASHED: tl.constexpr, TILES: tl.constexpr, LOG_LENGTH: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-  """One program per (TILES tiles of BLOCK own slots, batch * head): each tile's range of
-  OTHER_BLOCK tiles on the other side, and its full sub-range (empty at the start when
+  """One program per (TILES tiles of BLOCK own slots, batch * query head): each tile's range
+  of OTHER_BLOCK tiles on the other side, and its full sub-range (empty at the start when
   none). "Own" is the query side when QUERY_MAJOR, else the key side; slot arrays are
-  [B, N, LENGTH], the outputs [B, N, cdiv(OWN_LENGTH, BLOCK)]."""
+  [B, N, LENGTH] for queries and [B, K, LENGTH] for keys, K = N // GROUP: query head n is
+  paired with kv head n // GROUP. The outputs are [B, N, cdiv(OWN_LENGTH, BLOCK)], one plan
+  per query head in both views."""
   bh = tl.program_id(1)
+  kv_bh = bh // GROUP  # b * K + the kv head of query head n, as bh = b * N + n
+  own_bh, other_bh = (bh, kv_bh) if QUERY_MAJOR else (kv_bh, bh)
   num_tiles = tl.cdiv(OWN_LENGTH, BLOCK)
-  own_idx_ptr += bh * OWN_LENGTH
-  own_hash_ptr += bh * OWN_LENGTH
-  other_idx_ptr += bh * OTHER_LENGTH
-  other_hash_ptr += bh * OTHER_LENGTH
+  own_idx_ptr += own_bh * OWN_LENGTH
+  own_hash_ptr += own_bh * OWN_LENGTH
+  other_idx_ptr += other_bh * OTHER_LENGTH
+  other_hash_ptr += other_bh * OTHER_LENGTH
   own_count = _real_count(own_idx_ptr, OWN_LENGTH, LOG_LENGTH)
   other_count = _real_count(other_idx_ptr, OTHER_LENGTH, LOG_LENGTH)
 

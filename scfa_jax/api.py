@@ -1,8 +1,9 @@
 """Public functions: validate, sort in jnp, call the one custom_vjp in `core`.
 
 Layout and conventions follow `jax.nn.dot_product_attention`: q [B, T, N, H],
-k and v [B, S, N, H]; masks, buckets and indices [B, T, N] / [B, S, N]; everything
-after the arrays keyword-only; `scale=None` means 1/sqrt(H).
+k and v [B, S, K, H] with K dividing N (grouped-query attention: query head n reads kv
+head n // (N // K); K = N is plain multi-head); masks, buckets and indices [B, T, N] /
+[B, S, K]; everything after the arrays keyword-only; `scale=None` means 1/sqrt(H).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _check_qkv(q, k, v) -> None:
   for name, x in (("q", q), ("k", k), ("v", v)):
     shape = _shape_of(name, x)
     if len(shape) != 4:
-      raise ValueError(f"{name} must have rank 4 ([B, T, N, H] / [B, S, N, H]), got {name}.shape={shape}")
+      raise ValueError(f"{name} must have rank 4 ([B, T, N, H] / [B, S, K, H]), got {name}.shape={shape}")
     if x.dtype not in _FLOAT_DTYPES:
       raise TypeError(f"{name} must be float32, float16 or bfloat16, got {name}.dtype={x.dtype}")
     if 0 in shape:
@@ -36,15 +37,18 @@ def _check_qkv(q, k, v) -> None:
     raise TypeError(f"q, k, v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
   if k.shape != v.shape:
     raise ValueError(f"k and v must have the same shape, got {k.shape=}, {v.shape=}")
-  (b, _, n, h), (bk, _, nk, hk) = q.shape, k.shape
-  if (b, n, h) != (bk, nk, hk):
+  (b, _, n, h), (bk, _, kv_heads, hk) = q.shape, k.shape
+  if (b, h) != (bk, hk):
+    raise ValueError(f"q [B, T, N, H] and k [B, S, K, H] must agree on B and H, got {q.shape=}, {k.shape=}")
+  if n % kv_heads:
     raise ValueError(
-        f"q [B, T, N, H] and k [B, S, N, H] must agree on B, N and H, got {q.shape=}, {k.shape=}"
+        f"k and v must have K heads dividing q's N heads, got {q.shape=}, {k.shape=} "
+        "(grouped-query attention: query head n reads kv head n // (N // K))"
     )
 
 
 def _token_shape(x: jax.Array) -> tuple[int, int, int]:
-  """The [B, T, N] (or [B, S, N]) shape of per-token arrays that go with x [B, T, N, H]."""
+  """The [B, T, N] (or [B, S, K]) shape of per-token arrays that go with x [B, T, N, H] (k, v [B, S, K, H])."""
   b, length, n, _ = x.shape
   return (b, length, n)
 
@@ -52,7 +56,7 @@ def _token_shape(x: jax.Array) -> tuple[int, int, int]:
 def _check_tokens(name: str, x, expected: tuple[int, ...], kind: str) -> None:
   shape = _shape_of(name, x)
   if shape != expected:
-    letters = "[B, T, N]" if name.startswith("q") else "[B, S, N]"
+    letters = "[B, T, N]" if name.startswith("q") else "[B, S, K]"
     raise ValueError(f"{name} must have shape {letters} = {expected}, got {name}.shape={shape}")
   if kind == "bool" and x.dtype != jnp.bool_:
     raise TypeError(f"{name} must be a bool mask, got {name}.dtype={x.dtype}")
@@ -138,9 +142,11 @@ def sparse_causal_attention(
   by (document, bucket, idx); a query then attends only keys of its own document.
 
   Args:
-    q: [B, T, N, H]. k, v: [B, S, N, H].
-    q_idx: int [B, T, N]. k_idx: int [B, S, N].
-    q_hash, k_hash: int [B, T, N] and [B, S, N], both or neither.
+    q: [B, T, N, H]. k, v: [B, S, K, H], K dividing N: query head n attends with kv
+      head n // (N // K) (grouped-query attention; K = 1 is multi-query), whose dK and
+      dV sum over its N // K query heads. k and v are never repeated in memory.
+    q_idx: int [B, T, N]. k_idx: int [B, S, K].
+    q_hash, k_hash: int [B, T, N] and [B, S, K], both or neither.
     strict: strict causality (`>`), as in the paper's shared-QK language model.
     scale: logit scale, 1/sqrt(H) when None.
     implementation: None (Triton on GPU when available, else XLA), "xla", "triton",
@@ -175,12 +181,15 @@ def qk_sparse_attention(
 ) -> jax.Array:
   """Causal attention among kept queries and keys (paper section 3.1, QK-dropping).
 
-  Query t attends key s iff q_keep[t], k_keep[s] and t >= s, per (batch, head), and,
-  with segment ids, q_segment_ids[t] == k_segment_ids[s]. Dropped queries output 0.
+  Query t attends key s iff q_keep[t], k_keep[s] and t >= s, per (batch, query head and
+  its kv head), and, with segment ids, q_segment_ids[t] == k_segment_ids[s]. Dropped
+  queries output 0.
 
   Args:
-    q: [B, T, N, H]. k, v: [B, S, N, H].
-    q_keep: bool [B, T, N]. k_keep: bool [B, S, N].
+    q: [B, T, N, H]. k, v: [B, S, K, H], K dividing N (grouped-query attention, as in
+      `sparse_causal_attention`).
+    q_keep: bool [B, T, N]. k_keep: bool [B, S, K]: a kv head's keys are kept or dropped
+      for all the query heads of its group.
     q_segment_ids, k_segment_ids: int [B, T] and [B, S], both or neither: packed
       documents; a query attends only keys of its own segment. Negative ids are padding:
       they attend to nothing (output and gradients 0) and nothing attends to them.
@@ -216,8 +225,9 @@ def hash_sparse_attention(
   restricted to bucket collisions; a query whose bucket holds no earlier key outputs 0.
 
   Args:
-    q: [B, T, N, H]. k, v: [B, S, N, H].
-    q_buckets: int [B, T, N]. k_buckets: int [B, S, N]; any non-negative ints,
+    q: [B, T, N, H]. k, v: [B, S, K, H], K dividing N (grouped-query attention, as in
+      `sparse_causal_attention`).
+    q_buckets: int [B, T, N]. k_buckets: int [B, S, K]; any non-negative ints,
       e.g. from `lsh_buckets`. (Values are checked outside jit only.) The sort is a
       radix sort over the buckets' own dtype: uint8, which `lsh_buckets` gives for up
       to 256 buckets, takes one pass; int32 four.

@@ -97,7 +97,8 @@ def _full_ranges(full: jax.Array, start: jax.Array) -> tuple[jax.Array, jax.Arra
 class TilePlan:
   """Per-tile visiting ranges for the forward (query-major) and backward (key-major) views.
 
-  Attributes (int32, B batch, N heads, one entry per tile):
+  Attributes (int32, B batch, N query heads, one entry per tile; with grouped-query keys a
+  query head's plan pairs its queries with the keys of its kv head):
     start_n, end_n: [B, N, num_q_tiles]: key tiles `[start_n, end_n)` a query tile visits.
     full_start_n, full_end_n: the sub-range of those that needs no mask.
     start_m, end_m: [B, N, num_k_tiles]: query tiles `[start_m, end_m)` a key tile visits.
@@ -178,6 +179,7 @@ def make_plans(tokens: SortedTokens, shapes, *, strict: bool, views=None) -> lis
   steps is one small kernel, whatever the number of plans, and each skipped view saves
   a third of its needles. Bounding-box plans always hold both views.
   """
+  tokens = _per_query_head(tokens)
   views = ["qk"] * len(shapes) if views is None else list(views)
   if len(views) != len(shapes) or not set(views) <= {"q", "k", "qk"}:
     raise ValueError(f"views must hold 'q', 'k' or 'qk' for each of the {len(shapes)} shapes, got {views=}")
@@ -189,6 +191,20 @@ def make_plans(tokens: SortedTokens, shapes, *, strict: bool, views=None) -> lis
   if tokens.ordered:
     return _ordered_plans(tokens, q_hash, k_hash, list(zip(shapes, views, strict=True)), strict)
   return [_box_plan(tokens, q_hash, k_hash, block_q, block_k, strict) for block_q, block_k in shapes]
+
+
+def _per_query_head(tokens: SortedTokens) -> SortedTokens:
+  """Grouped-query tokens (keys of K heads, K dividing the N query heads) with each kv head's
+  per-key idx and hash repeated for the N // K query heads of its group: a plan pairs query
+  head n with kv head n // (N // K). Only these int32 vectors are repeated, never rows;
+  the plan kernel (kernels/plan.py) reads the kv head's own vectors instead."""
+  heads, kv_heads = tokens.q_idx.shape[1], tokens.k_idx.shape[1]
+  if heads == kv_heads:
+    return tokens
+  repeat = lambda x: None if x is None else jnp.repeat(x, heads // kv_heads, axis=1)
+  return dataclasses.replace(
+      tokens, k_perm=repeat(tokens.k_perm), k_idx=repeat(tokens.k_idx), k_hash=repeat(tokens.k_hash)
+  )
 
 
 def _box_plan(tokens, q_hash, k_hash, block_q, block_k, strict) -> TilePlan:

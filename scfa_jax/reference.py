@@ -1,7 +1,9 @@
 """Dense masked attention: the test oracle. Materialises the [B, N, T, S] mask; never fast.
 
 Everything here works in original token positions (BTNH, masks [B, T, N]) and shares no
-code with the sorting, the tile plan or any backend, so that it checks them all.
+code with the sorting, the tile plan or any backend, so that it checks them all. Grouped-query
+inputs (k, v [B, S, K, H], key masks [B, S, K], K dividing N) are repeated to N heads here,
+in the oracle only: query head n reads kv head n // (N // K).
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from scfa_jax.sorting import K_PAD
+
+
+def _repeat_heads(x: jax.Array, heads: int) -> jax.Array:
+  """x [B, L, K, ...] with each of its K heads repeated for the N // K query heads of its group."""
+  return jnp.repeat(x, heads // x.shape[2], axis=2)
 
 
 def allowed_mask(
@@ -22,18 +29,21 @@ def allowed_mask(
     q_segment_ids: jax.Array | None = None,
     k_segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-  """The SCFA rule as a bool [B, N, T, S] mask, from [B, T, N] indices and buckets.
+  """The SCFA rule as a bool [B, N, T, S] mask, from [B, T, N] / [B, S, K] indices and buckets.
 
   allowed(i, j) = causal(q_idx[i], k_idx[j]) and q_hash[i] == k_hash[j] (when hashed),
   where causal is `>` if strict else `>=`; q_idx < 0 and k_idx >= 2**30 are padding.
   With segment ids ([B, T] and [B, S]) also q_segment_ids[i] == k_segment_ids[j] >= 0:
   negative ids are padding.
   """
+  heads = q_idx.shape[2]
+  k_idx = _repeat_heads(k_idx, heads)
   qi = jnp.swapaxes(q_idx, 1, 2)[..., :, None]
   kj = jnp.swapaxes(k_idx, 1, 2)[..., None, :]
   mask = (qi > kj) if strict else (qi >= kj)
   mask &= (qi >= 0) & (kj < K_PAD)
   if q_hash is not None:
+    k_hash = _repeat_heads(k_hash, heads)
     mask &= jnp.swapaxes(q_hash, 1, 2)[..., :, None] == jnp.swapaxes(k_hash, 1, 2)[..., None, :]
   if q_segment_ids is not None:
     qs, ks = q_segment_ids[:, None, :, None], k_segment_ids[:, None, None, :]
@@ -44,8 +54,12 @@ def allowed_mask(
 def masked_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float | None = None
 ) -> jax.Array:
-  """Softmax attention in float32 under a bool [B, N, T, S] mask; rows with no key give 0."""
+  """Softmax attention in float32 under a bool [B, N, T, S] mask; rows with no key give 0.
+
+  k, v: [B, S, N, H], or [B, S, K, H] with K dividing N (repeated here).
+  """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  k, v = _repeat_heads(k, q.shape[2]), _repeat_heads(v, q.shape[2])
   s = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
   s = jnp.where(mask, s, -jnp.inf)
   row_max = jnp.max(s, axis=-1, keepdims=True)

@@ -290,7 +290,7 @@ class _Call:
   """What every launch shares: tiles, per-slot index arrays, lengths and constexprs."""
 
   tiles: KernelConfig
-  bn: int
+  bn: int  # batch * query heads: the forward's and dQ's programs per tile
   indices: tuple
   lengths: tuple[int, int, int, int]  # T, S (rows); LQ, LK (slots)
   meta: dict
@@ -323,7 +323,7 @@ def _call(config, q, k, tokens: SortedTokens) -> _Call:
   b, t, n, h = q.shape
   hashes = _hashes(tokens)
   meta = dict(
-      QK_SCALE=config.scale * LOG2E, N=n, H=h, HASHED=tokens.hashed, STRICT=config.strict,
+      QK_SCALE=config.scale * LOG2E, N=n, K=k.shape[2], H=h, HASHED=tokens.hashed, STRICT=config.strict,
       CHECK_PADS=not tokens.ordered,  # our sorts' positions lie in [0, T): pads fail the causal test
       PRECISION=input_precision(q.dtype),
       WIDE=max(q.size, k.size) >= 2**31,  # 64-bit element offsets; 32-bit ones cost fewer instructions
@@ -359,7 +359,7 @@ def plan_view(implementation, tokens: SortedTokens, block_q: int, block_k: int, 
   q_hash, k_hash = _hashes(tokens)
   sides = [(tokens.q_idx, q_hash, block_q), (tokens.k_idx, k_hash, block_k)]
   (own_idx, own_hash, block), (other_idx, other_hash, other_block) = sides if view == "q" else sides[::-1]
-  b, n, length = own_idx.shape
+  (b, n), length = tokens.q_idx.shape[:2], own_idx.shape[-1]  # one plan per query head, both views
   num_tiles = -(-length // block)
   per_program = min(_PLAN_TILES, max(16, 1 << (num_tiles - 1).bit_length()))
   ranges = _launch(
@@ -368,6 +368,7 @@ def plan_view(implementation, tokens: SortedTokens, block_q: int, block_k: int, 
       out_shapes=[jax.ShapeDtypeStruct((b, n, num_tiles), jnp.int32)] * 4, num_warps=4, num_stages=1,
       BLOCK=block, OTHER_BLOCK=other_block, QUERY_MAJOR=view == "q", STRICT=strict, HASHED=tokens.hashed,
       TILES=per_program, LOG_LENGTH=max(length, other_idx.shape[-1]).bit_length(),
+      GROUP=n // tokens.k_idx.shape[1],
   )  # fmt: skip
   empty = (None,) * 4
   return plan_lib.TilePlan(
@@ -440,11 +441,12 @@ def dq_kernel(config, q, k, v, tokens, o, lse, do, plan: plan_lib.TilePlan):
 
 
 def dkdv_kernel(config, q, k, v, tokens, lse, delta, do, plan: plan_lib.TilePlan):
-  """dK, dV [B, S, N, H] at original rows; one program per key tile."""
+  """dK, dV [B, S, K, H] at original rows; one program per key tile of a kv head, summing
+  over the query heads of its group."""
   c = _call(config, q, k, tokens)
   return _bwd_launch(
       config, c, _kernels().scfa_bwd_dkdv, (plan.start_m, plan.end_m, plan.full_start_m, plan.full_end_m),
-      name="scfa_bwd_dkdv", grid=(plan.num_k_tiles, c.bn), operands=(q, k, v, do, lse, delta),
+      name="scfa_bwd_dkdv", grid=(plan.num_k_tiles, k.shape[0] * k.shape[2]), operands=(q, k, v, do, lse, delta),
       out_shapes=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
       block_m=c.tiles.block_m1, block_n=c.tiles.block_n1,
   )  # fmt: skip

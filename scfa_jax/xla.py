@@ -4,6 +4,10 @@ Flash-style in jnp: a `lax.scan` over query tiles keeps live memory at one
 [B, N, BLOCK_Q, S] score tile instead of [B, N, T, S], forward and backward (the
 backward recomputes scores from the saved log-sum-exp, like the kernels).
 
+Grouped-query attention (k, v with K heads, K dividing N) runs on q viewed as
+[B, K, G, ..., H] (G = N // K) against k and v [B, K, S, H] in one einsum, so k and v are
+never repeated; dK and dV sum over the group in that einsum.
+
 It applies the same tile plan as the Triton kernels: skipped tiles are masked out and
 full tiles take no mask at all, forward and dQ from the query view, dK and dV from the
 key view. So every test of this backend against the dense reference also checks that
@@ -36,16 +40,28 @@ def _untile(x: jax.Array, length: int) -> jax.Array:
   return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :length]
 
 
+def _grouped(x: jax.Array, kv_heads: int) -> jax.Array:
+  """[B, N, ...] -> [B, K, G, ...]: query head n = kv head n // G, member n % G of its group."""
+  return x.reshape(x.shape[:1] + (kv_heads, -1) + x.shape[2:])
+
+
+def _ungrouped(x: jax.Array) -> jax.Array:
+  """Inverse of `_grouped`: [B, K, G, ...] -> [B, N, ...]."""
+  return x.reshape(x.shape[:1] + (-1,) + x.shape[3:])
+
+
 class _Prepared:
   """Sorted operands and per-query-tile scan inputs shared by forward and backward."""
 
   def __init__(self, config, q, k, v, tokens: SortedTokens):
     self.scale, self.strict = config.scale, config.strict
     self.length = q.shape[1]
-    self.k = gather_rows(k, tokens.k_perm)
+    self.kv_heads = k.shape[2]
+    self.k = gather_rows(k, tokens.k_perm)  # [B, K, S, H]
     self.v = gather_rows(v, tokens.k_perm)
-    self.k_idx = tokens.k_idx
-    self.k_hash = tokens.k_hash
+    # Per-key idx and hash [B, K, S] as [B, K, 1, S]: broadcast against a group's queries.
+    self.k_idx = tokens.k_idx[:, :, None]
+    self.k_hash = None if tokens.k_hash is None else tokens.k_hash[:, :, None]
     plan = plan_lib.make_plan(tokens, block_q=BLOCK_Q, block_k=BLOCK_K, strict=config.strict)
     self.scan_inputs = dict(
         q=_tiles(gather_rows(q, tokens.q_perm), BLOCK_Q, 0),
@@ -55,17 +71,21 @@ class _Prepared:
         k_view=jnp.moveaxis(plan.to_dense("k"), 2, 0),
     )
 
+  def grouped(self, x: jax.Array) -> jax.Array:
+    return _grouped(x, self.kv_heads)
+
   def mask(self, q_idx, q_hash, tile_states) -> jax.Array:
-    """bool [B, N, BLOCK_Q, S]: the SCFA rule, overridden by the plan's tile states."""
-    qi, kj = q_idx[..., :, None], self.k_idx[..., None, :]
+    """bool [B, K, G, BLOCK_Q, S]: the SCFA rule, overridden by the plan's tile states."""
+    qi, kj = self.grouped(q_idx)[..., :, None], self.k_idx[..., None, :]
     rule = ((qi > kj) if self.strict else (qi >= kj)) & (qi >= 0) & (kj < K_PAD)
     if q_hash is not None:
-      rule &= q_hash[..., :, None] == self.k_hash[..., None, :]
-    states = jnp.repeat(tile_states, BLOCK_K, axis=-1)[..., None, : kj.shape[-1]]
+      rule &= self.grouped(q_hash)[..., :, None] == self.k_hash[..., None, :]
+    states = jnp.repeat(self.grouped(tile_states), BLOCK_K, axis=-1)[..., None, : kj.shape[-1]]
     return (states == plan_lib.FULL) | ((states == plan_lib.MASKED) & rule)
 
   def scores(self, q_tile) -> jax.Array:
-    s = jnp.einsum("bnqh,bnsh->bnqs", q_tile, self.k, preferred_element_type=jnp.float32)
+    """[B, K, G, BLOCK_Q, S] scores of a query tile [B, N, BLOCK_Q, H]."""
+    s = jnp.einsum("bkgqh,bksh->bkgqs", self.grouped(q_tile), self.k, preferred_element_type=jnp.float32)
     return s * self.scale
 
 
@@ -81,10 +101,10 @@ def forward(config, q, k, v, tokens, *, differentiating: bool = False):
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     p = jnp.exp(s - row_max[..., None])
     denom = jnp.sum(p, axis=-1)
-    o = jnp.einsum("bnqs,bnsh->bnqh", p, prep.v, preferred_element_type=jnp.float32)
+    o = jnp.einsum("bkgqs,bksh->bkgqh", p, prep.v, preferred_element_type=jnp.float32)
     o = o / jnp.where(denom > 0, denom, 1.0)[..., None]
     lse = jnp.where(denom > 0, row_max + jnp.log(denom), jnp.inf)
-    return None, (o.astype(q.dtype), lse)
+    return None, (_ungrouped(o).astype(q.dtype), _ungrouped(lse))
 
   _, (o, lse) = jax.lax.scan(tile, None, prep.scan_inputs)
   return scatter_rows(_untile(o, prep.length), tokens.q_perm), _untile(lse, prep.length)
@@ -106,16 +126,18 @@ def backward(config, q, k, v, tokens, o, lse, do):
   def tile(carry, x):
     dk, dv = carry
     s = prep.scores(x["q"])
-    p = jnp.exp(s - x["lse"][..., None])
-    dp = jnp.einsum("bnqh,bnsh->bnqs", x["do"], prep.v, preferred_element_type=jnp.float32)
-    ds = p * (dp - x["delta"][..., None]) * prep.scale
+    q_tile, do = prep.grouped(x["q"]), prep.grouped(x["do"])
+    p = jnp.exp(s - prep.grouped(x["lse"])[..., None])
+    dp = jnp.einsum("bkgqh,bksh->bkgqs", do, prep.v, preferred_element_type=jnp.float32)
+    ds = p * (dp - prep.grouped(x["delta"])[..., None]) * prep.scale
     # dQ follows the query view of the plan, dK and dV the key view, as the kernels do.
     in_q = prep.mask(x["q_idx"], x["q_hash"], x["q_view"])
     in_k = prep.mask(x["q_idx"], x["q_hash"], x["k_view"])
-    dq = jnp.einsum("bnqs,bnsh->bnqh", jnp.where(in_q, ds, 0.0), prep.k, preferred_element_type=jnp.float32)
-    dk += jnp.einsum("bnqs,bnqh->bnsh", jnp.where(in_k, ds, 0.0), x["q"], preferred_element_type=jnp.float32)
-    dv += jnp.einsum("bnqs,bnqh->bnsh", jnp.where(in_k, p, 0.0), x["do"], preferred_element_type=jnp.float32)
-    return (dk, dv), dq
+    dq = jnp.einsum("bkgqs,bksh->bkgqh", jnp.where(in_q, ds, 0.0), prep.k, preferred_element_type=jnp.float32)
+    # Summed over the group's query heads (g) as well as its queries: dK and dV of a kv head.
+    dk += jnp.einsum("bkgqs,bkgqh->bksh", jnp.where(in_k, ds, 0.0), q_tile, preferred_element_type=jnp.float32)
+    dv += jnp.einsum("bkgqs,bkgqh->bksh", jnp.where(in_k, p, 0.0), do, preferred_element_type=jnp.float32)
+    return (dk, dv), _ungrouped(dq)
 
   zeros = jnp.zeros_like(prep.k, dtype=jnp.float32)  # zeros_like keeps shard_map's varying axes
   (dk, dv), dq = jax.lax.scan(tile, (zeros, zeros), scan_inputs)
