@@ -9,6 +9,8 @@ Medians over many runs via triton.testing.do_bench (CUDA events).
   python experiments/bench_attention.py --seq_lens=4096,16384 --cases=all,hash16,drop70 \
       --out=experiments/results/bench_attention_h200.json
   python experiments/bench_attention.py --plot=experiments/results/bench_attention_h200.json
+  python experiments/bench_attention.py --kv_heads=8 --seq_lens=4096,16384 --cases=all,hash16,drop70 \
+      --out=experiments/results/bench_attention_gqa8_h200.json   # grouped-query: 48 query heads, 8 kv heads
 
 The JSON is rewritten after every row, so a run cut short keeps what it measured.
 --plot draws runtime vs T per case with the cuDNN line, and the fwd+bwd speedups.
@@ -61,19 +63,21 @@ def bench(fn, *args, rep_ms: int = 300) -> float:
   return float(triton.testing.do_bench(run, warmup=rep_ms // 6, rep=rep_ms, return_mode="median"))
 
 
-def make_case(name, b, t, n, seed):
+def make_case(name, b, t, n, seed, kv_heads=None):
+  """(attention fn, query masks [B, T, N], key masks [B, T, K], density); K = kv_heads or N."""
   mode, param = CASES[name]
+  kv_heads = n if kv_heads is None else kv_heads
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
   if mode == "hash":
     # In the dtype lsh_buckets gives for this many buckets (uint8), which sets the sort's key width.
     dtype = scfa_jax.lsh.bucket_dtype(param)
     q_masks = jax.random.randint(k1, (b, t, n), 0, param, dtype)
-    k_masks = jax.random.randint(k2, (b, t, n), 0, param, dtype)
+    k_masks = jax.random.randint(k2, (b, t, kv_heads), 0, param, dtype)
     fn = lambda q, k, v, qm, km: scfa_jax.hash_sparse_attention(q, k, v, q_buckets=qm, k_buckets=km)
     density = 1.0 / param
   else:
     q_masks = jax.random.bernoulli(k1, 1.0 - param, (b, t, n))
-    k_masks = jax.random.bernoulli(k2, 1.0 - param, (b, t, n))
+    k_masks = jax.random.bernoulli(k2, 1.0 - param, (b, t, kv_heads))
     fn = lambda q, k, v, qm, km: scfa_jax.qk_sparse_attention(q, k, v, q_keep=qm, k_keep=km)
     density = (1.0 - param) ** 2
   return fn, q_masks, k_masks, density
@@ -103,6 +107,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--heads", type=int, default=48)
+  parser.add_argument(
+      "--kv_heads", type=int, default=0, help="kv heads K dividing --heads (grouped-query, cuDNN alike); 0: --heads"
+  )
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--seq_lens", default="512,1024,2048,4096,8192,16384,32768,4000")
   parser.add_argument("--cases", default=",".join(CASES))
@@ -116,19 +123,24 @@ def main() -> None:
     return
 
   b, n, h = args.batch, args.heads, args.head_dim
+  kv_heads = args.kv_heads or n
+  if n % kv_heads:
+    parser.error(f"--kv_heads must divide --heads, got {kv_heads} and {n}")
   dtype = jnp.dtype(args.dtype)
   info = versions()
   print(json.dumps(info))
   rows = []
   for t in (int(x) for x in args.seq_lens.split(",")):
-    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (b, t, n, h), dtype) for i in range(3))
+    q = jax.random.normal(jax.random.PRNGKey(0), (b, t, n, h), dtype)
+    k, v = (jax.random.normal(jax.random.PRNGKey(i), (b, t, kv_heads, h), dtype) for i in (1, 2))
+    # cuDNN takes k and v with fewer heads than q as grouped-query attention, as the functions do.
     dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     start = time.perf_counter()
     base = timings(dense, q, k, v, rep_ms=args.rep_ms)
     causal_flops = 4 * b * n * h * t * (t + 1) / 2  # two matmuls of the causal half, 2 flops per MAC
     print(f"T={t:6d} cudnn      fwd {base['fwd_ms']:8.3f}  bwd {base['bwd_ms']:8.3f}  fwd+bwd {base['fwd_bwd_ms']:8.3f} ms")
     for name in args.cases.split(","):
-      fn, qm, km, density = make_case(name, b, t, n, seed=t)
+      fn, qm, km, density = make_case(name, b, t, n, seed=t, kv_heads=kv_heads)
       ours = timings(fn, q, k, v, qm, km, rep_ms=args.rep_ms)
       row = dict(T=t, case=name, density=density, **ours, **{f"cudnn_{key}": val for key, val in base.items()})
       for key in ("fwd", "bwd", "fwd_bwd"):
@@ -137,7 +149,8 @@ def main() -> None:
       row["useful_tflops_fwd_bwd"] = causal_flops * density * 3.5 / (ours["fwd_bwd_ms"] * 1e-3) / 1e12
       rows.append(row)
       if args.out:
-        write(args.out, dict(versions=info, batch=b, heads=n, head_dim=h, dtype=args.dtype, rows=rows))
+        shape = dict(batch=b, heads=n, kv_heads=kv_heads, head_dim=h, dtype=args.dtype)
+        write(args.out, dict(versions=info, **shape, rows=rows))
       print(
           f"T={t:6d} {name:10s} fwd {ours['fwd_ms']:8.3f}  bwd {ours['bwd_ms']:8.3f}  fwd+bwd {ours['fwd_bwd_ms']:8.3f} ms"
           f"   speedup fwd {row['speedup_fwd']:5.2f}  bwd {row['speedup_bwd']:5.2f}  fwd+bwd {row['speedup_fwd_bwd']:5.2f}"
@@ -186,7 +199,9 @@ def plot(path: str) -> str:
   ax_speed.set_title("Speedup over cuDNN")
   ax_speed.legend(fontsize=7)
   v = result["versions"]
-  fig.suptitle(f"{v['device']}, B={result['batch']} N={result['heads']} H={result['head_dim']} {result['dtype']}")
+  kv_heads = result.get("kv_heads", result["heads"])  # files from before --kv_heads have none
+  heads = f"N={result['heads']}" + (f" K={kv_heads}" if kv_heads != result["heads"] else "")
+  fig.suptitle(f"{v['device']}, B={result['batch']} {heads} H={result['head_dim']} {result['dtype']}")
   fig.tight_layout()
   out = path.rsplit(".", 1)[0] + ".png"
   fig.savefig(out, dpi=120)

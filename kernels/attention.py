@@ -153,7 +153,8 @@ def _mask_tile(x, fill, tile, full_lo, full_hi, own_idx, own_hash, other_idx_ptr
 
 
 @triton.jit
-def _rows_to_read(valid, start_ptr, end_ptr, tile, tile_stride, GROUP: tl.constexpr, SKIP_EMPTY: tl.constexpr):
+def _rows_to_read(valid, start_ptr, end_ptr, tile, tile_stride, GROUP: tl.constexpr,
+                  SKIP_EMPTY: tl.constexpr):  # fmt: skip
   """The rows of a tile worth reading: with SKIP_EMPTY none when the tile's range is empty.
   Such a tile (QK mode's dropped tail: most of them at high drop rates) only stores zeros.
   A kv head's key tile serves GROUP query heads, whose ranges lie tile_stride apart: it is
@@ -266,9 +267,9 @@ def scfa_fwd(
     if lo < hi:
       acc, m_i, l_i = _fwd_tiles(
           acc, m_i, l_i, q, q_idx, q_hash,
-          k_ptr, v_ptr, k_perm_ptr + kv_bh * LK, k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK, b, kv_bh % K, S,
-          LK, lo, hi, full_lo, full_hi, QK_SCALE, K, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-          SCALE_AFTER_MAX, part != 1, ONE_LOOP, PREFETCH,
+          k_ptr, v_ptr, k_perm_ptr + kv_bh * LK, k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK,
+          b, kv_bh % K, S, LK, lo, hi, full_lo, full_hi, QK_SCALE, K, H, BLOCK_N, HASHED, STRICT, CHECK_PADS,
+          PRECISION, WIDE, SCALE_AFTER_MAX, part != 1, ONE_LOOP, PREFETCH,
       )  # fmt: skip
 
   has_key = l_i > 0.0
@@ -427,7 +428,7 @@ def scfa_bwd_dq(
   in_bounds = slot < LQ
   q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H, WIDE)
   tile = bh * tl.num_programs(0) + pid_m
-  q_read = _rows_to_read(q_valid, start_n_ptr, end_n_ptr, tile, 0, 1, SKIP_EMPTY)  # unread rows: O = 0, delta = 0
+  q_read = _rows_to_read(q_valid, start_n_ptr, end_n_ptr, tile, 0, 1, SKIP_EMPTY)  # unread: O = 0, delta = 0
   q = _load_rows(q_ptr, q_offset, q_read, H)
   do = _load_rows(do_ptr, q_offset, q_read, H)
   delta = tl.sum(do.to(tl.float32) * _load_rows(o_ptr, q_offset, q_read, H).to(tl.float32), 1)
@@ -441,9 +442,9 @@ def scfa_bwd_dq(
     if lo < hi:
       dq = _dq_tiles(
           dq, q, do, lse, delta, q_idx, q_hash,
-          k_ptr, v_ptr, k_perm_ptr + kv_bh * LK, k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK, b, kv_bh % K, S,
-          LK, lo, hi, full_lo, full_hi, QK_SCALE, K, H, BLOCK_N, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-          part != 1, ONE_LOOP, PREFETCH,
+          k_ptr, v_ptr, k_perm_ptr + kv_bh * LK, k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK,
+          b, kv_bh % K, S, LK, lo, hi, full_lo, full_hi, QK_SCALE, K, H, BLOCK_N, HASHED, STRICT, CHECK_PADS,
+          PRECISION, WIDE, part != 1, ONE_LOOP, PREFETCH,
       )  # fmt: skip
   offsets = q_offset[:, None] + tl.arange(0, H)[None, :]
   tl.store(dq_ptr + offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])

@@ -48,7 +48,7 @@ def _check_qkv(q, k, v) -> None:
 
 
 def _token_shape(x: jax.Array) -> tuple[int, int, int]:
-  """The [B, T, N] (or [B, S, K]) shape of per-token arrays that go with x [B, T, N, H] (k, v [B, S, K, H])."""
+  """The [B, T, N] shape of per-token arrays that go with q [B, T, N, H] ([B, S, K] with k [B, S, K, H])."""
   b, length, n, _ = x.shape
   return (b, length, n)
 

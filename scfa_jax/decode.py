@@ -4,7 +4,7 @@ A decode step is a handful of small matmuls per layer, so it is written in jnp f
 backend; the prompt goes through the layer's own attention (`SparseCausalSelfAttention.prefill`).
 Two cache layouts:
 
-- position order: keys and values [B, L, N, H], read whole under a mask of the allowed
+- position order: keys and values [B, L, K, H], read whole under a mask of the allowed
   positions (`masked_attention`); every mode uses it.
 - bucket pages (hash mode, `BucketPages`): keys and values in pages of `page_size` rows,
   each page holding keys of one bucket only, and a table of each bucket's pages. A step
@@ -12,6 +12,9 @@ Two cache layouts:
   keys instead of L. Pages are handed out as buckets fill, so the pool needs
   ceil(L / page_size) + num_buckets pages whatever the bucket sizes (each bucket leaves at
   most one page partly empty).
+
+Grouped-query attention: the cache holds the K kv heads only; query head n (of N) reads kv
+head n // (N // K), as q viewed [B, K, N // K, H] against keys [.., K, ..].
 """
 
 from __future__ import annotations
@@ -34,16 +37,20 @@ def masked_attention(
 ) -> jax.Array:
   """One query per (batch, head) against every cached key: [B, N, H] in q's dtype.
 
-  q: [B, N, H]; k, v: [B, L, N, H]; allowed: bool [B, N, L]. Scores and softmax in float32;
-  a row with no allowed key gives exactly 0, as the full attention functions do.
+  q: [B, N, H]; k, v: [B, L, K, H] with K dividing N; allowed: bool [B, N, L] (or
+  broadcastable to it). Scores and softmax in float32; a row with no allowed key gives
+  exactly 0, as the full attention functions do.
   """
-  s = jnp.einsum("bnh,blnh->bnl", q, k, preferred_element_type=jnp.float32) * scale
+  b, n, h = q.shape
+  grouped = q.reshape(b, k.shape[2], -1, h)  # [B, K, G, H]: the query heads of each kv head
+  s = jnp.einsum("bkgh,blkh->bkgl", grouped, k, preferred_element_type=jnp.float32).reshape(b, n, -1) * scale
   s = jnp.where(allowed, s, -jnp.inf)
   row_max = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
   denom = jnp.sum(p, axis=-1, keepdims=True)
   # Weights in v's dtype, accumulated in float32, as jax.nn does: no float32 copy of the cache.
-  o = jnp.einsum("bnl,blnh->bnh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  p = p.astype(v.dtype).reshape(grouped.shape[:3] + (-1,))
+  o = jnp.einsum("bkgl,blkh->bkgh", p, v, preferred_element_type=jnp.float32).reshape(b, n, h)
   return (o / jnp.where(denom > 0, denom, 1.0)).astype(q.dtype)
 
 
@@ -56,11 +63,11 @@ class BucketPages:
   ...; counts[b, n, j] says how many there are. `used` pages of the pool are handed out.
   """
 
-  k: jax.Array  # [B, N, num_pages, page_size, H]
-  v: jax.Array  # [B, N, num_pages, page_size, H]
-  table: jax.Array  # int32 [B, N, num_buckets, pages per bucket]: page ids in fill order
-  counts: jax.Array  # int32 [B, N, num_buckets]: keys per bucket
-  used: jax.Array  # int32 [B, N]: pages handed out so far
+  k: jax.Array  # [B, K, num_pages, page_size, H] (K kv heads)
+  v: jax.Array  # [B, K, num_pages, page_size, H]
+  table: jax.Array  # int32 [B, K, num_buckets, pages per bucket]: page ids in fill order
+  counts: jax.Array  # int32 [B, K, num_buckets]: keys per bucket
+  used: jax.Array  # int32 [B, K]: pages handed out so far
 
   @property
   def page_size(self) -> int:
@@ -137,44 +144,49 @@ def bucket_attention(
 ) -> jax.Array:
   """One query per (batch, head) against the cached keys of its bucket only: [B, N, H].
 
-  q: [B, N, H]; bucket: int [B, N]. Equals `masked_attention` over the keys of that bucket
-  (a bucket with no key gives exactly 0). A loop reads the pages listed for the bucket,
-  read_keys keys' worth at a time (whole pages), with an online softmax in float32, until
-  the longest bucket of the batch is read. Pages of other buckets are never loaded, except
-  that table slots past a bucket's last page name page 0, which a read that runs past the
-  bucket's end loads and masks out.
+  q: [B, N, H]; bucket: int [B, N]; the pages hold K kv heads, K dividing N: query head n
+  reads the pages of kv head n // (N // K) in its own bucket. Equals `masked_attention` over
+  the keys of that bucket (a bucket with no key gives exactly 0). A loop reads the pages
+  listed for the bucket, read_keys keys' worth at a time (whole pages), with an online
+  softmax in float32, until the longest bucket of the batch is read. Pages of other buckets
+  are never loaded, except that table slots past a bucket's last page name page 0, which a
+  read that runs past the bucket's end loads and masks out.
   """
-  bucket = bucket.astype(jnp.int32)
+  b, n, h = q.shape
+  kv_heads = pages.k.shape[1]
+  # Everything per (batch, kv head, query head of its group): [B, K, G, ...].
+  q = q.reshape(b, kv_heads, -1, h)
+  bucket = bucket.astype(jnp.int32).reshape(q.shape[:3])
   size = pages.page_size
   per_read = max(1, read_keys // size)
-  count = jnp.take_along_axis(pages.counts, bucket[..., None], axis=-1)[..., 0]  # [B, N]
-  table = jnp.take_along_axis(pages.table, bucket[..., None, None], axis=2)[:, :, 0]  # [B, N, per bucket]
-  table = jnp.pad(table, [(0, 0), (0, 0), (0, -table.shape[-1] % per_read)])  # whole reads
+  count = jnp.take_along_axis(pages.counts, bucket, axis=-1)  # [B, K, G]
+  table = jnp.take_along_axis(pages.table, bucket[..., None], axis=2)  # [B, K, G, per bucket]
+  table = jnp.pad(table, [(0, 0), (0, 0), (0, 0), (0, -table.shape[-1] % per_read)])  # whole reads
   num_reads = (jnp.max(count) + per_read * size - 1) // (per_read * size)
+  page_k, page_v = pages.k[:, :, None], pages.v[:, :, None]  # [B, K, 1, num_pages, size, H]
 
   def read(i, carry):
     row_max, denom, acc = carry
-    ids = jax.lax.dynamic_slice_in_dim(table, i * per_read, per_read, axis=2)[..., None, None]
+    ids = jax.lax.dynamic_slice_in_dim(table, i * per_read, per_read, axis=3)[..., None, None]
     rank = i * per_read * size + jnp.arange(per_read * size).reshape(per_read, size)
-    valid = rank < count[..., None, None]  # [B, N, per_read, size]
-    k = jnp.take_along_axis(pages.k, ids, axis=2)  # [B, N, per_read, size, H]
+    valid = rank < count[..., None, None]  # [B, K, G, per_read, size]
+    k = jnp.take_along_axis(page_k, ids, axis=3)  # [B, K, G, per_read, size, H]
     # Zeroed, not only masked: slots past the bucket's end may hold anything.
-    v = jnp.where(valid[..., None], jnp.take_along_axis(pages.v, ids, axis=2), 0)
-    s = jnp.einsum("bnh,bnpsh->bnps", q, k, preferred_element_type=jnp.float32) * scale
+    v = jnp.where(valid[..., None], jnp.take_along_axis(page_v, ids, axis=3), 0)
+    s = jnp.einsum("bkgh,bkgpsh->bkgps", q, k, preferred_element_type=jnp.float32) * scale
     s = jnp.where(valid, s, -jnp.inf)
-    new_max = jnp.maximum(row_max, jnp.max(s, axis=(2, 3)))
+    new_max = jnp.maximum(row_max, jnp.max(s, axis=(3, 4)))
     shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
     p = jnp.exp(s - shift[..., None, None])
     rescale = jnp.exp(row_max - shift)
-    denom = denom * rescale + jnp.sum(p, axis=(2, 3))
-    pv = jnp.einsum("bnps,bnpsh->bnh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    denom = denom * rescale + jnp.sum(p, axis=(3, 4))
+    pv = jnp.einsum("bkgps,bkgpsh->bkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     acc = acc * rescale[..., None] + pv
     return new_max, denom, acc
 
-  b, n, h = q.shape
-  init = (jnp.full((b, n), -jnp.inf), jnp.zeros((b, n)), jnp.zeros((b, n, h)))
+  init = (jnp.full(q.shape[:3], -jnp.inf), jnp.zeros(q.shape[:3]), jnp.zeros(q.shape))
   _, denom, acc = jax.lax.fori_loop(0, num_reads, read, init)
-  return (acc / jnp.where(denom > 0, denom, 1.0)[..., None]).astype(q.dtype)
+  return (acc / jnp.where(denom > 0, denom, 1.0)[..., None]).reshape(b, n, h).astype(q.dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -189,12 +201,12 @@ class AttentionCache:
 
   length: jax.Array  # int32 []: positions filled, i.e. the position of the next token
   max_length: int = dataclasses.field(metadata=dict(static=True))
-  k: jax.Array | None = None  # [B, L, N, H] in position order (None with bucket pages)
+  k: jax.Array | None = None  # [B, L, K, H] in position order, K kv heads (None with bucket pages)
   v: jax.Array | None = None
-  k_buckets: jax.Array | None = None  # hash mode, position order: [B, L, N]
+  k_buckets: jax.Array | None = None  # hash mode, position order: [B, L, K]
   pages: BucketPages | None = None  # hash mode with bucket pages, instead of k, v, k_buckets
-  rotations: jax.Array | None = None  # hash mode: [N, H, num_buckets // 2]
+  rotations: jax.Array | None = None  # hash mode: the kv heads' [K, H, num_buckets // 2]
   # Centered hash: float32 [B, N, R], the sum of the earlier queries' projected unit vectors.
   q_projected_sum: jax.Array | None = None
-  k_projected_sum: jax.Array | None = None  # the same for keys, when they are not the queries
-  keep: jax.Array | None = None  # qk_drop: bool [B, L, N]
+  k_projected_sum: jax.Array | None = None  # the same for keys [B, K, R], when they are not the queries
+  keep: jax.Array | None = None  # qk_drop: bool [B, L, K], per kv head

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scfa_jax.decode import AttentionCache
-from scfa_jax.nn import IMPLEMENTATIONS, MODES, SparseCausalSelfAttention, _draw_key
+from scfa_jax.nn import IMPLEMENTATIONS, MODES, SparseCausalSelfAttention, _draw_key, check_kv_heads
 
 
 POSITIONS = ("learned", "rope")
@@ -32,6 +32,7 @@ class GPTConfig:
   block_size: int = 256  # longest sequence T (size of the learned position table)
   n_layer: int = 4  # transformer blocks
   n_head: int = 4  # attention heads N per block; head dim H = n_embd // n_head
+  num_kv_heads: int | None = None  # key/value heads K dividing n_head (grouped-query); None: n_head
   n_embd: int = 256  # model width D
   attention: str = "hash"  # "dense" (jax.nn, cuDNN on GPU), "hash" or "qk_drop"
   num_buckets: int = 16  # hash mode: LSH buckets per head (even)
@@ -53,6 +54,10 @@ class GPTConfig:
       raise ValueError(f"GPTConfig.attention must be one of {MODES}, got attention={self.attention!r}")
     if self.n_embd % self.n_head:
       raise ValueError(f"GPTConfig.n_head must divide n_embd, got n_embd={self.n_embd}, n_head={self.n_head}")
+    try:
+      check_kv_heads(self.n_head, self.num_kv_heads, self.shared_qk)
+    except ValueError as e:
+      raise ValueError(f"GPTConfig: {e}") from None
     if self.attention == "hash" and (self.num_buckets < 2 or self.num_buckets % 2):
       raise ValueError(f"GPTConfig.num_buckets must be even and >= 2, got num_buckets={self.num_buckets}")
     if not 0.0 <= self.drop_rate < 1.0:
@@ -111,6 +116,7 @@ class Block(nnx.Module):
     self.attn = SparseCausalSelfAttention(
         width=config.n_embd,
         num_heads=config.n_head,
+        num_kv_heads=config.num_kv_heads,
         mode=config.attention,
         num_buckets=config.num_buckets,
         drop_rate=config.drop_rate,

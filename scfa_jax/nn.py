@@ -100,6 +100,13 @@ class SparseCausalSelfAttention(nnx.Module):
   projection: keys are the L2-normalised queries, and hash mode uses strict
   causality (t > s), since a token would otherwise mostly attend to itself.
 
+  Grouped-query attention: `num_kv_heads` K < N projects keys and values to K heads, which
+  query head n reads as head n // (N // K); the decoding cache holds K heads. Hash mode draws
+  its rotations per kv head, and the queries of a group hash with their kv head's rotations,
+  so that a query and the keys it may meet share one hash function. qk_drop draws its keep
+  mask per kv head: a dropped (token, kv head) leaves its key and the queries of the whole
+  group. shared_qk needs K = N (keys are the queries, one per query head).
+
   With `center_hash`, hash mode buckets `lsh.causal_center(q)` instead of q: the
   paper's argmax LSH of raw queries puts most tokens of a deep layer into a few
   buckets (a direction all tokens share), which costs both the sparsity that makes
@@ -135,6 +142,7 @@ class SparseCausalSelfAttention(nnx.Module):
       *,
       width: int,
       num_heads: int,
+      num_kv_heads: int | None = None,
       mode: Mode = "hash",
       num_buckets: int = 16,
       drop_rate: float = 0.0,
@@ -152,6 +160,8 @@ class SparseCausalSelfAttention(nnx.Module):
     """Args:
       width: model width D (input and output features).
       num_heads: N; must divide width, head dim H = width // N.
+      num_kv_heads: K key/value heads, dividing N (grouped-query attention; 1 is multi-query);
+        None means N. With K = N the parameters and outputs are those of plain multi-head.
       mode: "dense", "hash" or "qk_drop".
       num_buckets: hash buckets per head (even: buckets come in +/- pairs).
       drop_rate: qk_drop probability of dropping a token from a head, in [0, 1).
@@ -175,6 +185,7 @@ class SparseCausalSelfAttention(nnx.Module):
       raise ValueError(f"width and num_heads must be positive ints, got {width=}, {num_heads=}")
     if width % num_heads:
       raise ValueError(f"num_heads must divide width, got {width=}, {num_heads=}")
+    num_kv_heads = check_kv_heads(num_heads, num_kv_heads, shared_qk)
     if mode == "hash" and (not isinstance(num_buckets, int) or num_buckets < 2 or num_buckets % 2):
       raise ValueError(f"num_buckets must be an even int >= 2 (+/- pairs), got {num_buckets=}")
     if not 0.0 <= drop_rate < 1.0:
@@ -190,16 +201,16 @@ class SparseCausalSelfAttention(nnx.Module):
     self.mode, self.num_buckets, self.drop_rate = mode, num_buckets, drop_rate
     self.shared_qk, self.center_hash, self.implementation = shared_qk, center_hash, implementation
     self.rope_base = rope_base
-    self.num_heads, self.head_dim = num_heads, width // num_heads
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, width // num_heads
     # When True, hash mode sows its bucket sizes (`bucket_sizes`) for `nnx.capture`.
     self.record_buckets = False
     self.dtype, self.rng_collection = dtype, rng_collection
     init = nnx.initializers.normal(init_std)
     out_init = nnx.initializers.normal(init_std if out_init_std is None else out_init_std)
-    heads = (width, num_heads, self.head_dim)
+    heads, kv_heads = (width, num_heads, self.head_dim), (width, num_kv_heads, self.head_dim)
     self.wq = nnx.Param(init(rngs.params(), heads, param_dtype))
-    self.wk = None if shared_qk else nnx.Param(init(rngs.params(), heads, param_dtype))
-    self.wv = nnx.Param(init(rngs.params(), heads, param_dtype))
+    self.wk = None if shared_qk else nnx.Param(init(rngs.params(), kv_heads, param_dtype))
+    self.wv = nnx.Param(init(rngs.params(), kv_heads, param_dtype))
     self.wo = nnx.Param(out_init(rngs.params(), (num_heads, self.head_dim, width), param_dtype))
     try:
       self.rngs = rngs[rng_collection].fork()
@@ -231,13 +242,13 @@ class SparseCausalSelfAttention(nnx.Module):
       out = _dense_attention(q, k, v, self.implementation, segment_ids)
     elif self.mode == "hash":
       with jax.named_scope("lsh"):
-        rotations = lsh.random_rotations(self._key(rngs), self.num_heads, self.head_dim, self.num_buckets)
+        rotations = lsh.random_rotations(self._key(rngs), self.num_kv_heads, self.head_dim, self.num_buckets)
       buckets = self._buckets(q, k, rotations, segment_ids)
       if self.record_buckets:
         self.sow(nnx.Intermediate, "bucket_sizes", bucket_sizes(buckets[0], self.num_buckets))
       out = self._hash(q, k, v, buckets, segment_ids)
     else:
-      out = self._qk_drop(q, k, v, keep_mask(self._key(rngs), self.drop_rate, q.shape[:3]), segment_ids)
+      out = self._qk_drop(q, k, v, keep_mask(self._key(rngs), self.drop_rate, k.shape[:3]), segment_ids)
     return self._out(out)
 
   def init_cache(
@@ -268,21 +279,24 @@ class SparseCausalSelfAttention(nnx.Module):
         raise ValueError(f"page_size groups keys by bucket: it needs mode='hash', got mode={self.mode!r}")
       if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
         raise ValueError(f"page_size must be a positive int or None, got {page_size=}")
-    b, n, h = batch_size, self.num_heads, self.head_dim
-    rows = jnp.zeros((b, max_length, n, h), self.dtype)
+    b, n, kv_heads, h = batch_size, self.num_heads, self.num_kv_heads, self.head_dim
+    rows = jnp.zeros((b, max_length, kv_heads, h), self.dtype)  # K heads: what grouped-query attention saves
     fields = dict(length=jnp.zeros((), jnp.int32), max_length=max_length, k=rows, v=rows)
     if self.mode == "qk_drop":
-      fields["keep"] = keep_mask(self._key(rngs), self.drop_rate, (b, max_length, n))
+      fields["keep"] = keep_mask(self._key(rngs), self.drop_rate, (b, max_length, kv_heads))
     elif self.mode == "hash":
-      fields["rotations"] = lsh.random_rotations(self._key(rngs), n, h, self.num_buckets)
+      fields["rotations"] = lsh.random_rotations(self._key(rngs), kv_heads, h, self.num_buckets)
       if page_size is None:
-        fields["k_buckets"] = jnp.zeros((b, max_length, n), lsh.bucket_dtype(self.num_buckets))
+        fields["k_buckets"] = jnp.zeros((b, max_length, kv_heads), lsh.bucket_dtype(self.num_buckets))
       else:
         fields.update(k=None, v=None)
-        fields["pages"] = decode.empty_pages(b, n, h, self.num_buckets, max_length, page_size, self.dtype)
+        fields["pages"] = decode.empty_pages(
+            b, kv_heads, h, self.num_buckets, max_length, page_size, self.dtype
+        )
       if self.center_hash:
-        sums = jnp.zeros((b, n, self.num_buckets // 2), jnp.float32)
-        fields.update(q_projected_sum=sums, k_projected_sum=None if self.shared_qk else sums)
+        r = self.num_buckets // 2
+        fields["q_projected_sum"] = jnp.zeros((b, n, r), jnp.float32)
+        fields["k_projected_sum"] = None if self.shared_qk else jnp.zeros((b, kv_heads, r), jnp.float32)
     return decode.AttentionCache(**fields)
 
   def prefill(self, x: jax.Array, cache: decode.AttentionCache) -> tuple[jax.Array, decode.AttentionCache]:
@@ -309,7 +323,7 @@ class SparseCausalSelfAttention(nnx.Module):
       else:
         changes["k_buckets"] = cache.k_buckets.at[:, :length].set(buckets[-1])
       if self.center_hash:
-        changes["q_projected_sum"] = lsh.projected_sum(q, cache.rotations)
+        changes["q_projected_sum"] = lsh.projected_sum(q, self._query_rotations(cache.rotations))
         if not self.shared_qk:
           changes["k_projected_sum"] = lsh.projected_sum(k, cache.rotations)
     if cache.k is not None:
@@ -331,7 +345,7 @@ class SparseCausalSelfAttention(nnx.Module):
     if x.ndim != 3 or x.shape[1] != 1:
       raise ValueError(f"x must be one token per row, [B, 1, D], got x.shape={x.shape}")
     q, k, v = self._project(x, cache.length[None])
-    q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, N, H]
+    q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, N, H] and [B, K, H]
     position, scale = cache.length, self.head_dim**-0.5
     changes = dict(length=position + 1)
     if cache.k is not None:
@@ -345,8 +359,9 @@ class SparseCausalSelfAttention(nnx.Module):
       if self.mode == "dense":
         out = decode.masked_attention(q, changes["k"], changes["v"], causal[None, None], scale=scale)
       elif self.mode == "qk_drop":
-        keep = jnp.swapaxes(cache.keep, 1, 2)  # [B, N, L]
+        keep = jnp.swapaxes(cache.keep, 1, 2)  # [B, K, L]: a query's keep is its kv head's
         allowed = causal & keep & keep[..., position, None]
+        allowed = self._per_query_head(allowed)
         out = decode.masked_attention(q, changes["k"], changes["v"], allowed, scale=scale)
       else:
         q_bucket, k_bucket, sums = self._next_buckets(q, k, cache)
@@ -354,9 +369,9 @@ class SparseCausalSelfAttention(nnx.Module):
         if cache.pages is None:
           changes["k_buckets"] = jax.lax.dynamic_update_index_in_dim(cache.k_buckets, k_bucket, position, 1)
           # Shared-QK keys are the queries: strict causality, a token never attends to itself.
-          allowed = (earlier if self.shared_qk else causal) & (
-              jnp.swapaxes(changes["k_buckets"], 1, 2) == q_bucket[..., None]
-          )
+          k_buckets = jnp.swapaxes(changes["k_buckets"], 1, 2)[:, :, None]  # [B, K, 1, L]
+          same_bucket = k_buckets == self._grouped(q_bucket)[..., None]
+          allowed = (earlier if self.shared_qk else causal) & same_bucket.reshape(q_bucket.shape + (-1,))
           out = decode.masked_attention(q, changes["k"], changes["v"], allowed, scale=scale)
         elif self.shared_qk:  # strict: read the bucket before the token's own key joins it
           out = decode.bucket_attention(q, cache.pages, q_bucket, scale=scale)
@@ -368,22 +383,33 @@ class SparseCausalSelfAttention(nnx.Module):
     return self._out(out[:, None]), dataclasses.replace(cache, **changes)
 
   def _next_buckets(self, q, k, cache) -> tuple[jax.Array, jax.Array, dict]:
-    """Buckets [B, N] of the new token's query and key (q, k [B, N, H]), and the new centering sums."""
+    """Buckets [B, N] and [B, K] of the new token's query and key (q [B, N, H], k [B, K, H]),
+    and the new centering sums."""
     sums = {}
 
-    def bucket(x, name):
+    def bucket(x, name, rotations):
       if self.center_hash:
-        buckets, sums[name] = lsh.centered_buckets_next(
-            x, cache.rotations, getattr(cache, name), cache.length
-        )
+        buckets, sums[name] = lsh.centered_buckets_next(x, rotations, getattr(cache, name), cache.length)
         return buckets
-      return lsh.lsh_buckets(x[:, None], cache.rotations)[:, 0]
+      return lsh.lsh_buckets(x[:, None], rotations)[:, 0]
 
     with jax.named_scope("lsh"):
-      q_bucket = bucket(q, "q_projected_sum")
+      q_bucket = bucket(q, "q_projected_sum", self._query_rotations(cache.rotations))
       # Normalising does not change the angular hash: shared-QK keys take the query buckets.
-      k_bucket = q_bucket if self.shared_qk else bucket(k, "k_projected_sum")
+      k_bucket = q_bucket if self.shared_qk else bucket(k, "k_projected_sum", cache.rotations)
     return q_bucket, k_bucket, sums
+
+  def _query_rotations(self, rotations: jax.Array) -> jax.Array:
+    """[N, H, R] from the kv heads' [K, H, R]: each query hashes with its kv head's rotations."""
+    return jnp.repeat(rotations, self.num_heads // self.num_kv_heads, axis=0)
+
+  def _grouped(self, x: jax.Array) -> jax.Array:
+    """[B, N, ...] -> [B, K, N // K, ...]: the query heads of each kv head."""
+    return x.reshape(x.shape[:1] + (self.num_kv_heads, -1) + x.shape[2:])
+
+  def _per_query_head(self, x: jax.Array) -> jax.Array:
+    """[B, K, ...] -> [B, N, ...], each kv head's entry repeated for its query heads."""
+    return jnp.repeat(x, self.num_heads // self.num_kv_heads, axis=1)
 
   def _key(self, rngs) -> jax.Array:
     stream = rngs if rngs is not None else self.rngs
@@ -392,7 +418,8 @@ class SparseCausalSelfAttention(nnx.Module):
     return _draw_key(stream, self.rng_collection)
 
   def _project(self, x, positions):
-    """q, k, v [B, T, N, H] in the compute dtype, q and k rotated by positions int [(B,) T] with rope_base."""
+    """q [B, T, N, H] and k, v [B, T, K, H] in the compute dtype, q and k rotated by positions
+    int [(B,) T] with rope_base."""
     x = x.astype(self.dtype)
     # Named scopes label each part's kernels in profiles (experiments/bench_model.py --profile).
     with jax.named_scope("qkv_projection"):
@@ -417,10 +444,16 @@ class SparseCausalSelfAttention(nnx.Module):
     return _dense_attention(q, k, v, self.implementation)
 
   def _buckets(self, q, k, rotations, segment_ids=None) -> list[jax.Array]:
-    """[query buckets] for shared-QK, else [query buckets, key buckets]: [B, T, N] each."""
+    """[query buckets] for shared-QK, else [query buckets [B, T, N], key buckets [B, T, K]];
+    rotations [K, H, R] are the kv heads'."""
     # Normalising does not change the angular hash, so shared-QK keys take the query buckets:
     # one array for both sides, inside the shard_map too, so that it is sorted once.
-    return _lsh_buckets([q] if self.shared_qk else [q, k], rotations, self.center_hash, segment_ids)
+    if self.shared_qk:
+      return _lsh_buckets([q], rotations, self.center_hash, segment_ids)
+    q_rotations = self._query_rotations(rotations)
+    return _lsh_buckets([q], q_rotations, self.center_hash, segment_ids) + _lsh_buckets(
+        [k], rotations, self.center_hash, segment_ids
+    )
 
   def _hash(self, q, k, v, buckets, segment_ids=None):
     return _hash_attention(
@@ -472,12 +505,39 @@ def _hash_attention(q, k, v, buckets, *, strict, implementation, segment_ids=Non
 
 
 def _qk_drop_attention(q, k, v, keep, implementation, segment_ids=None):
-  attend = lambda q, k, v, keep, segment_ids: api.qk_sparse_attention(  # noqa: E731
-      q, k, v, q_keep=keep, k_keep=keep, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
-      implementation=implementation,
-  )  # fmt: skip
+  """keep: bool [B, T, K] per kv head, which the queries of its group share."""
+
+  def attend(q, k, v, keep, segment_ids):
+    group = q.shape[2] // k.shape[2]
+    # One array for both sides when the heads agree: one sort.
+    q_keep = keep if group == 1 else jnp.repeat(keep, group, axis=2)
+    return api.qk_sparse_attention(
+        q, k, v, q_keep=q_keep, k_keep=keep, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
+        implementation=implementation,
+    )  # fmt: skip
+
   with jax.named_scope("attention_core"):
     return batch_sharded(attend)(q, k, v, keep, segment_ids)
+
+
+def check_kv_heads(num_heads: int, num_kv_heads: int | None, shared_qk: bool) -> int:
+  """num_kv_heads (num_heads when None), checked: a positive int dividing num_heads, and
+  equal to it with shared_qk, whose keys are the queries (one per query head)."""
+  if num_kv_heads is None:
+    return num_heads
+  if not isinstance(num_kv_heads, int) or isinstance(num_kv_heads, bool) or num_kv_heads < 1:
+    raise ValueError(f"num_kv_heads must be a positive int or None, got {num_kv_heads=}")
+  if num_heads % num_kv_heads:
+    raise ValueError(
+        f"num_kv_heads must divide num_heads (grouped-query attention), got {num_heads=}, {num_kv_heads=}"
+    )
+  if shared_qk and num_kv_heads != num_heads:
+    raise ValueError(
+        f"shared_qk=True makes the keys the normalised queries, one per query head, so it needs "
+        f"num_kv_heads == num_heads, got {num_heads=}, {num_kv_heads=}; use shared_qk=False for "
+        "grouped-query attention (keys from their own projection)"
+    )
+  return num_kv_heads
 
 
 def attention_fn(

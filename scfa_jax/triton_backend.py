@@ -446,7 +446,8 @@ def dkdv_kernel(config, q, k, v, tokens, lse, delta, do, plan: plan_lib.TilePlan
   c = _call(config, q, k, tokens)
   return _bwd_launch(
       config, c, _kernels().scfa_bwd_dkdv, (plan.start_m, plan.end_m, plan.full_start_m, plan.full_end_m),
-      name="scfa_bwd_dkdv", grid=(plan.num_k_tiles, k.shape[0] * k.shape[2]), operands=(q, k, v, do, lse, delta),
+      name="scfa_bwd_dkdv", grid=(plan.num_k_tiles, k.shape[0] * k.shape[2]),  # batch * kv heads
+      operands=(q, k, v, do, lse, delta),
       out_shapes=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
       block_m=c.tiles.block_m1, block_n=c.tiles.block_n1,
   )  # fmt: skip

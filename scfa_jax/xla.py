@@ -110,6 +110,12 @@ def forward(config, q, k, v, tokens, *, differentiating: bool = False):
   return scatter_rows(_untile(o, prep.length), tokens.q_perm), _untile(lse, prep.length)
 
 
+def _to_keys(weights: jax.Array, rows: jax.Array) -> jax.Array:
+  """[B, K, S, H]: weights [B, K, G, BLOCK_Q, S] times rows [B, K, G, BLOCK_Q, H], summed over
+  the queries and the G query heads of each kv head."""
+  return jnp.einsum("bkgqs,bkgqh->bksh", weights, rows, preferred_element_type=jnp.float32)
+
+
 def backward(config, q, k, v, tokens, o, lse, do):
   prep = _Prepared(config, q, k, v, tokens)
   do_sorted = gather_rows(do, tokens.q_perm)
@@ -134,9 +140,8 @@ def backward(config, q, k, v, tokens, o, lse, do):
     in_q = prep.mask(x["q_idx"], x["q_hash"], x["q_view"])
     in_k = prep.mask(x["q_idx"], x["q_hash"], x["k_view"])
     dq = jnp.einsum("bkgqs,bksh->bkgqh", jnp.where(in_q, ds, 0.0), prep.k, preferred_element_type=jnp.float32)
-    # Summed over the group's query heads (g) as well as its queries: dK and dV of a kv head.
-    dk += jnp.einsum("bkgqs,bkgqh->bksh", jnp.where(in_k, ds, 0.0), q_tile, preferred_element_type=jnp.float32)
-    dv += jnp.einsum("bkgqs,bkgqh->bksh", jnp.where(in_k, p, 0.0), do, preferred_element_type=jnp.float32)
+    dk += _to_keys(jnp.where(in_k, ds, 0.0), q_tile)
+    dv += _to_keys(jnp.where(in_k, p, 0.0), do)
     return (dk, dv), _ungrouped(dq)
 
   zeros = jnp.zeros_like(prep.k, dtype=jnp.float32)  # zeros_like keeps shard_map's varying axes
