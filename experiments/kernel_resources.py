@@ -10,6 +10,7 @@ whose register counts can differ from another version's by a few.
   python experiments/kernel_resources.py --variants=hash_table+block_n=64+num_stages=3
   python experiments/kernel_resources.py --maxnreg=dkdv:128,dq:96   # Triton's register cap
   python experiments/kernel_resources.py --occupancy=96:24576:4      # the sm_90 rule alone
+  python experiments/kernel_resources.py --kv_heads=8                 # grouped-query: 48 query heads, 8 kv heads
 """
 
 from __future__ import annotations
@@ -81,14 +82,15 @@ def resources(kernel, constexprs: dict, num_warps: int, num_stages: int, maxnreg
   return dict(registers=registers, stack=stack, shared=shared, programs_per_sm=programs, copies_pending=pending)
 
 
-def kernel_rows(spec: str, head_dim: int, hashed: bool, maxnreg: dict | None = None) -> list[dict]:
-  """One row per kernel (forward, dQ, dK/dV) of variant `spec` (profile_attention's spelling)."""
+def kernel_rows(spec: str, head_dim: int, hashed: bool, maxnreg: dict | None = None, kv_heads: int = 48) -> list[dict]:
+  """One row per kernel (forward, dQ, dK/dV) of variant `spec` (profile_attention's spelling),
+  with 48 query heads and `kv_heads` kv heads."""
   from scfa_jax.kernels import attention  # noqa: PLC0415
 
   tiles = variant(spec)(head_dim, hashed)
   base = dict(
       QK_SCALE=0.18,  # about 0.125 * log2(e); its value does not change the resources
-      N=48, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False, PRECISION="tf32", ALIGNED=True,
+      N=48, K=kv_heads, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False, PRECISION="tf32", ALIGNED=True,
       WIDE=False, **tiles.switches,
   )  # fmt: skip
   fwd_launch = (tiles.num_warps, tiles.num_stages, dict(SCALE_AFTER_MAX=True))  # a positive scale
@@ -113,11 +115,14 @@ def main() -> None:
   parser.add_argument("--variants", default="table", help=f"bases {list(BASES)} with +field=value overrides")
   parser.add_argument("--head_dims", default="64,128")
   parser.add_argument("--maxnreg", default="", help="register caps, e.g. dkdv:128,dq:96 (fwd, dq, dkdv)")
+  parser.add_argument("--kv_heads", type=int, default=48, help="kv heads of the 48 query heads (grouped-query)")
   parser.add_argument(
       "--occupancy", default="",
       help="only print programs per SM for registers:shared_bytes:warps triples, e.g. 96:24576:4,160:41216:4",
   )  # fmt: skip
   args = parser.parse_args()
+  if args.kv_heads < 1 or 48 % args.kv_heads:
+    parser.error(f"--kv_heads must divide the 48 query heads, got {args.kv_heads}")
   if args.occupancy:
     triples = [item.split(":") for item in args.occupancy.split(",")]
     for fields in triples:
@@ -138,7 +143,7 @@ def main() -> None:
   for spec in args.variants.split(","):
     for head_dim in (int(h) for h in args.head_dims.split(",")):
       for hashed in (False, True):
-        for r in kernel_rows(spec, head_dim, hashed, maxnreg):
+        for r in kernel_rows(spec, head_dim, hashed, maxnreg, args.kv_heads):
           mode = "hash" if hashed else "qk"
           print(
               f"{spec:40s} {head_dim:3d} {mode:4s} {r['kernel']:6s} {r['tile']:7s} {r['warps']:5d} "

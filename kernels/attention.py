@@ -161,9 +161,10 @@ def _rows_to_read(valid, start_ptr, end_ptr, tile, tile_stride, GROUP: tl.conste
   read when any of them is not empty."""
   if SKIP_EMPTY:
     work = tl.load(end_ptr + tile) - tl.load(start_ptr + tile)
-    for g in range(1, GROUP):
-      at = tile + g * tile_stride
-      work = tl.maximum(work, tl.load(end_ptr + at) - tl.load(start_ptr + at))
+    if GROUP > 1:
+      for g in range(1, GROUP):
+        at = tile + g * tile_stride
+        work = tl.maximum(work, tl.load(end_ptr + at) - tl.load(start_ptr + at))
     valid = tl.where(work > 0, valid, False)  # `&` breaks the interpreter
   return valid
 
@@ -314,6 +315,30 @@ def _dkdv_tiles(
 
 
 @triton.jit
+def _dkdv_head(
+    dk, dv, k, v, k_idx, k_hash, bh, tile,
+    q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr,
+    start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, LQ,
+    QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE: tl.constexpr, ONE_LOOP: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+  """dK and dV of a key tile plus what the queries of query head bh (b * N + n) add to them:
+  the query-tile range at `tile` of the plan's key view."""
+  for part in tl.static_range(3 - 2 * ONE_LOOP):
+    lo, hi, full_lo, full_hi = _parts(start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, tile, part, ONE_LOOP)
+    if lo < hi:
+      dk, dv = _dkdv_tiles(
+          dk, dv, k, v, k_idx, k_hash,
+          q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
+          delta_ptr + bh * LQ, bh // N, bh % N, T, LQ,
+          lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
+          part != 1, ONE_LOOP, PREFETCH,
+      )  # fmt: skip
+  return dk, dv
+
+
+@triton.jit
 def scfa_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, do_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
     lse_ptr, delta_ptr, start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, S, LQ, LK,
@@ -350,21 +375,21 @@ def scfa_bwd_dkdv(
 
   dk = tl.zeros([BLOCK_N, H], tl.float32)
   dv = tl.zeros([BLOCK_N, H], tl.float32)
-  for g in range(GROUP):
-    bh = kv_bh * GROUP + g  # b * N + the query head
-    tile = first_tile + g * num_tiles
-    for part in tl.static_range(3 - 2 * ONE_LOOP):
-      lo, hi, full_lo, full_hi = _parts(
-          start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, tile, part, ONE_LOOP
-      )
-      if lo < hi:
-        dk, dv = _dkdv_tiles(
-            dk, dv, k, v, k_idx, k_hash,
-            q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
-            delta_ptr + bh * LQ, b, bh % N, T, LQ,
-            lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-            part != 1, ONE_LOOP, PREFETCH,
-        )  # fmt: skip
+  head = (
+      q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr,
+      start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, LQ,
+  )  # fmt: skip
+  if GROUP == 1:  # no loop around the tile loops: the kernel without groups, as tuned
+    dk, dv = _dkdv_head(
+        dk, dv, k, v, k_idx, k_hash, kv_bh, first_tile, *head,
+        QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, ONE_LOOP, PREFETCH,
+    )  # fmt: skip
+  else:
+    for g in range(GROUP):
+      dk, dv = _dkdv_head(
+          dk, dv, k, v, k_idx, k_hash, kv_bh * GROUP + g, first_tile + g * num_tiles, *head,
+          QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, ONE_LOOP, PREFETCH,
+      )  # fmt: skip
 
   offsets = k_offset[:, None] + tl.arange(0, H)[None, :]
   tl.store(dk_ptr + offsets, (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=k_valid[:, None])

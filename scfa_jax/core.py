@@ -5,7 +5,7 @@ Every backend module provides
     forward(config, q, k, v, tokens, *, differentiating) -> (o, residuals)
     backward(config, q, k, v, tokens, o, residuals, do) -> (dq, dk, dv)
 
-with q [B, T, N, H], k and v [B, S, N, H] and o, dq, dk, dv in that original layout, and
+with q [B, T, N, H], k and v [B, S, K, H] (K dividing N) and o, dq, dk, dv in that original layout, and
 `tokens` a `SortedTokens`. `residuals` is the backend's own pytree between its forward
 and backward, built in full only when `differentiating`: the XLA backend's is the
 log-sum-exp per query slot, the Triton backend's adds its tile plans.

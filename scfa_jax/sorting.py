@@ -8,6 +8,8 @@ themselves (the Triton kernels load rows indirectly), so no transposed or gather
 copy of q, k, v is ever made here.
 
 Index layout is head-major, [B, N, T], because sorting runs along T per (batch, head).
+Each side is sorted per its own heads: queries per query head [B, N, T], keys per kv head
+[B, K, S] (grouped-query attention: K divides N, and query head n meets kv head n // (N // K)).
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ class SortedTokens:
     q_perm: int32 [B, N, T]; sorted query slot i holds row `q_perm[b, n, i]` of q.
       Every row of range(T) appears exactly once per (b, n), so every row is written
       exactly once.
-    k_perm: int32 [B, N, S]; the same for the rows of k and v.
+    k_perm: int32 [B, K, S]; the same for the rows of k and v (K kv heads).
     q_idx: int32 [B, N, T]; causal position of slot i, or `Q_PAD`.
-    k_idx: int32 [B, N, S]; causal position of slot j, or `K_PAD`.
+    k_idx: int32 [B, K, S]; causal position of slot j, or `K_PAD`.
     q_hash: int32 [B, N, T] bucket of slot i, or None when not hashed.
-    k_hash: int32 [B, N, S] bucket of slot j, or None when not hashed.
+    k_hash: int32 [B, K, S] bucket of slot j, or None when not hashed.
     ordered: static; True when, by construction, the real tokens fill the first slots in
       nondecreasing (hash, idx) order and padding follows (`by_bucket`, `by_keep_mask`),
       which lets the tile plan use binary searches. False for a caller's order
