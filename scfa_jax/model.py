@@ -32,7 +32,7 @@ class GPTConfig:
   block_size: int = 256  # longest sequence T (size of the learned position table)
   n_layer: int = 4  # transformer blocks
   n_head: int = 4  # attention heads N per block; head dim H = n_embd // n_head
-  num_kv_heads: int | None = None  # kv heads K dividing n_head (grouped-query; needs shared_qk=False); None: n_head
+  num_kv_heads: int | None = None  # kv heads K dividing n_head (grouped-query; shared_qk=False); None: n_head
   n_embd: int = 256  # model width D
   attention: str = "hash"  # "dense" (jax.nn, cuDNN on GPU), "hash" or "qk_drop"
   num_buckets: int = 16  # hash mode: LSH buckets per head (even)

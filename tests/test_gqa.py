@@ -305,8 +305,11 @@ def test_kv_heads_are_checked_in_the_layer_and_the_config():
   assert scfa_jax.GPTConfig(n_head=4, num_kv_heads=2, shared_qk=False).num_kv_heads == 2
 
 
-@pytest.mark.parametrize("mode, page_size", [("dense", None), ("hash", None), ("hash", 3), ("qk_drop", None)])
-def test_cached_decoding_with_kv_heads_equals_the_full_model(mode, page_size):
+@pytest.mark.parametrize(
+    "mode, page_size, positions",
+    [("dense", None, "learned"), ("hash", None, "learned"), ("hash", 3, "rope"), ("qk_drop", None, "rope")],
+)
+def test_cached_decoding_with_kv_heads_equals_the_full_model(mode, page_size, positions):
   """A GPT with 4 query heads and 2 kv heads: the cache holds 2 heads, and each decode
   step's logits are those of the full model on the whole sequence."""
   import dataclasses  # noqa: PLC0415
@@ -316,7 +319,8 @@ def test_cached_decoding_with_kv_heads_equals_the_full_model(mode, page_size):
   from tests.test_decode import CONFIG, _check_against_full_model  # noqa: PLC0415
 
   config = dataclasses.replace(
-      CONFIG, attention=mode, n_layer=1, n_head=4, num_kv_heads=2, shared_qk=False, block_size=64
+      CONFIG, attention=mode, n_layer=1, n_head=4, num_kv_heads=2, shared_qk=False, block_size=64,
+      positions=positions,
   )
   model = scfa_jax.GPT(config, rngs=nnx.Rngs(0))
   cache = model.init_cache(2, 20, rngs=nnx.Rngs(attention=jax.random.key(2)), page_size=page_size)
