@@ -129,6 +129,18 @@ def _with_pads(q_key, k_key) -> SortedTokens:
   return SortedTokens(q_perm, k_perm, q_idx, k_idx, q_hash, k_hash, ordered=True)
 
 
+def _fold_group(x: jax.Array, group: int) -> jax.Array:
+  """[B, T, N] -> [B, T * G, K]: the G query heads of kv head n // G side by side along T."""
+  b, t, n = x.shape
+  return jnp.swapaxes(x.reshape(b, t, n // group, group), 2, 3).reshape(b, t * group, n // group)
+
+
+def _unfold_group(x: jax.Array, group: int) -> jax.Array:
+  """Inverse of `_fold_group`: [B, T * G, K] -> [B, T, N]."""
+  b, _, kv_heads = x.shape
+  return jnp.swapaxes(x.reshape(b, -1, group, kv_heads), 2, 3).reshape(b, -1, kv_heads * group)
+
+
 def _bucket_segment_keys(q_buckets, k_buckets, q_segment_ids, k_segment_ids):
   """int32 sort keys [B, T, N] / [B, S, N] that are equal exactly for the same (segment, bucket)
   and ordered like (segment rank, bucket); `PAD_KEY` for negative segment ids.
@@ -150,7 +162,15 @@ def _bucket_segment_keys(q_buckets, k_buckets, q_segment_ids, k_segment_ids):
     per_head = lambda ids, buckets: jnp.broadcast_to(ids[..., None], buckets.shape)
     q_seg = per_head(q_segment_ids, q_buckets)
     k_seg = q_seg if shared else per_head(k_segment_ids, k_buckets)
-    q_key, k_key = _joint_dense_rank((q_seg, q_buckets), (k_seg, k_buckets))
+    group = q_buckets.shape[2] // k_buckets.shape[2]
+    if group == 1:
+      q_key, k_key = _joint_dense_rank((q_seg, q_buckets), (k_seg, k_buckets))
+    else:
+      # Grouped-query keys [B, S, K]: a kv head's keys are ranked with the queries of all its
+      # query heads (ranks below T * G + S), so every head of the group reads the same ranks.
+      folded = (_fold_group(q_seg, group), _fold_group(q_buckets, group))
+      q_key, k_key = _joint_dense_rank(folded, (k_seg, k_buckets))
+      q_key = _unfold_group(q_key, group)
   pad = lambda key, seg: jnp.where(seg[..., None] < 0, PAD_KEY, key)
   q_key = pad(q_key, q_segment_ids)
   return q_key, (q_key if shared else pad(k_key, k_segment_ids))

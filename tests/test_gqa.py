@@ -461,3 +461,20 @@ def test_bench_attention_builds_grouped_query_cases():
   fn, q_masks, k_masks, _ = bench.make_case("drop30", 1, 16, 6, seed=0, kv_heads=2)
   assert q_masks.shape == (1, 16, 6) and k_masks.shape == (1, 16, 2)
   assert fn(q, k, v, q_masks, k_masks).shape == q.shape
+
+
+@pytest.mark.parametrize("bucket_dtype", [jnp.uint8, jnp.int32])
+def test_grouped_query_with_segment_ids(bucket_dtype):
+  """Packed documents with K = N / 4 kv heads, both ways the segment joins the sort key
+  (uint8 buckets: packed into the key; int32: a joint rank of the group's queries and its keys)."""
+  key = jax.random.PRNGKey(31)
+  b, t, n, kv_heads = 2, 70, 4, 1
+  q, k, v = _qkv(key, b, t, t, n, kv_heads)
+  doc = jnp.repeat(jnp.array([0, 1, 2, -1]), jnp.array([20, 25, 20, 5]), total_repeat_length=t)
+  doc = jnp.broadcast_to(doc, (b, t))
+  kw = _masks(jax.random.fold_in(key, 1), "hash", b, t, t, n, kv_heads)
+  kw = {name: x.astype(bucket_dtype) for name, x in kw.items()} | dict(q_segment_ids=doc, k_segment_ids=doc)
+  _check_against(
+      functools.partial(scfa_jax.hash_sparse_attention, **kw, implementation="xla"),
+      functools.partial(reference.hash_sparse_attention, **kw), (q, k, v), jnp.float32, key,
+  )  # fmt: skip
