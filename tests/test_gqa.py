@@ -421,7 +421,7 @@ def test_gpu_gqa_is_bitwise_deterministic_and_matches_repeated_heads():
   first, second = grads(q, k, v, masks["k_buckets"]), grads(q, k, v, masks["k_buckets"])
   for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
     assert np.array_equal(np.asarray(x), np.asarray(y))
-  repeated = grads(_repeat(k, group), _repeat(v, group), _repeat(masks["k_buckets"], group))
+  repeated = grads(q, _repeat(k, group), _repeat(v, group), _repeat(masks["k_buckets"], group))
   (value, (dq, dk, dv)), (want_value, (want_dq, want_dk, want_dv)) = first, (repeated[0], repeated[1])
   summed = lambda x: jnp.sum(x.astype(jnp.float32).reshape(b, t, kv_heads, group, h), axis=3)
   assert _rel(value, want_value) < REL_TOL[jnp.bfloat16]
