@@ -1,4 +1,5 @@
-"""The README stays true: every python example runs as written and CI runs its test command."""
+"""The README and docs/usage.md stay true: every python example runs as written, and CI runs the
+README's test command."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+USAGE_BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "usage.md").read_text(), flags=re.S)
 
 
 def run_block(index: int) -> dict:
@@ -36,6 +38,16 @@ def test_every_other_python_block_runs(index):
   if "out" in namespace:  # an attention example
     assert namespace["out"].shape == namespace["q"].shape
   if "y" in namespace:  # a layer example
+    assert namespace["y"].shape == namespace["x"].shape
+
+
+@pytest.mark.parametrize("index", range(len(USAGE_BLOCKS)))
+def test_every_python_block_of_the_usage_page_runs(index):
+  namespace: dict = {}
+  exec(compile(USAGE_BLOCKS[index], f"docs/usage.md, python block {index + 1}", "exec"), namespace)  # noqa: S102
+  if "out" in namespace and "q" in namespace:
+    assert namespace["out"].shape == namespace["q"].shape
+  if "y" in namespace:
     assert namespace["y"].shape == namespace["x"].shape
 
 
