@@ -88,13 +88,7 @@ def versions() -> dict:
     ).stdout.strip().splitlines()[0]  # fmt: skip
   except Exception:  # noqa: BLE001  (no GPU, or no nvidia-smi)
     info["driver"] = None
-  try:
-    info["commit"] = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-        cwd=Path(__file__).parent,
-    ).stdout.strip()  # fmt: skip
-  except Exception:  # noqa: BLE001  (not a git checkout)
-    info["commit"] = None
+  info["commit"] = train.source_commit()
   return info
 
 

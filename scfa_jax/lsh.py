@@ -58,6 +58,9 @@ def _earlier_mean(values: jax.Array, segment_ids: jax.Array | None) -> jax.Array
   earlier = jnp.cumsum(values, axis=1) - values
   position = jnp.arange(values.shape[1], dtype=jnp.int32)[None]
   if segment_ids is not None:
+    if getattr(segment_ids, "shape", None) != values.shape[:2]:
+      shape = getattr(segment_ids, "shape", None)
+      raise ValueError(f"segment_ids must be [B, T] = {values.shape[:2]}, got segment_ids.shape={shape}")
     changed = jnp.concatenate(
         [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
     )

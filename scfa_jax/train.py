@@ -600,14 +600,20 @@ def run_info() -> dict:
       versions[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
       versions[name] = None
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                            cwd=Path(__file__).parent, check=True).stdout.strip()  # fmt: skip
-  except (OSError, subprocess.SubprocessError):
-    commit = None
   device = jax.devices()[0]
   return {"device": f"{device.platform}:{getattr(device, 'device_kind', '?')} x{jax.device_count()}",
-          "versions": versions, "commit": commit}  # fmt: skip
+          "versions": versions, "commit": source_commit()}  # fmt: skip
+
+
+def source_commit(folder: str | Path | None = None) -> str | None:
+  """The commit of the checkout holding `folder` (this package's by default), with "-dirty"
+  when its tracked files differ from it (the code that ran is then not that commit's); None
+  outside a git checkout."""
+  try:
+    return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                          text=True, timeout=10, cwd=folder or Path(__file__).parent, check=True).stdout.strip()  # fmt: skip
+  except (OSError, subprocess.SubprocessError):
+    return None
 
 
 def sample_text(trainer: Trainer, config: TrainConfig, meta: prepared.DatasetMeta) -> str:

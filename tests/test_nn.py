@@ -128,6 +128,13 @@ def test_centered_buckets_equal_hashing_the_centered_vectors():
     np.testing.assert_array_equal(bucket, full[:, t])
   with pytest.raises(ValueError, match="rotations must be"):
     lsh.centered_buckets(x, rotations[:2])
+  segments = jnp.repeat(jnp.array([[0, 1]]), 150, axis=1)  # two documents: the second starts over
+  np.testing.assert_array_equal(lsh.centered_buckets(x, rotations, jnp.broadcast_to(segments, (2, 300))),
+                                lsh.lsh_buckets(lsh.causal_center(x, jnp.broadcast_to(segments, (2, 300))), rotations))
+  np.testing.assert_array_equal(lsh.centered_buckets(x[:, 150:], rotations), lsh.centered_buckets(
+      x, rotations, jnp.broadcast_to(segments, (2, 300)))[:, 150:])
+  with pytest.raises(ValueError, match="segment_ids must be"):
+    lsh.centered_buckets(x, rotations, segments[:, :10])
 
 
 def test_rope_keeps_norms_and_makes_scores_depend_on_the_offset_only():

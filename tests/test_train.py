@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import jax
@@ -200,3 +201,16 @@ def test_document_packing_is_on_for_documents_and_off_in_the_comparisons():
   loss = nnx.jit(train.cross_entropy, static_argnums=3)
   packed, stream = loss(model, windows, key, 256), loss(model, windows, key, None)
   assert np.isfinite(packed) and packed != stream
+
+
+def test_source_commit_says_when_the_code_is_not_the_commit(tmp_path):
+  git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+  git("init", "-q")
+  (tmp_path / "a.py").write_text("x = 1\n")
+  git("add", "a.py")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+  clean = train.source_commit(tmp_path)
+  assert clean and not clean.endswith("-dirty")
+  (tmp_path / "a.py").write_text("x = 2\n")
+  assert train.source_commit(tmp_path) == clean + "-dirty"
+  assert train.source_commit(tmp_path / "missing") is None
