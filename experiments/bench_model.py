@@ -62,7 +62,8 @@ from flax import nnx  # noqa: E402
 from experiments.configs.modes import MODES as ATTENTION_MODES  # noqa: E402
 from scfa_jax import train  # noqa: E402
 from scfa_jax.data import batches, prepared  # noqa: E402
-from scfa_jax.model import GPT, GPTConfig, count_params, preset  # noqa: E402
+from scfa_jax import nn  # noqa: E402
+from scfa_jax.model import GPT, ROPE_BASE, GPTConfig, count_params, preset  # noqa: E402
 from scfa_jax.nn import SparseCausalSelfAttention  # noqa: E402
 
 MODES = {
@@ -154,7 +155,7 @@ class _PlainDenseStep:
     normal = lambda shape, std=c.init_std: std * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
     residual_std = c.init_std / math.sqrt(2 * c.n_layer)
     params = {
-        "wte": normal((c.vocab_size, d)), "wpe": normal((c.block_size, d)), "ln_f": jnp.ones(d),
+        "wte": normal((c.vocab_size, d)), "ln_f": jnp.ones(d),
         "blocks": [
             {"ln1": jnp.ones(d), "wq": normal((d, n, h)), "wv": normal((d, n, h)),
              "wo": normal((n, h, d), residual_std), "ln2": jnp.ones(d), "w_in": normal((d, f)),
@@ -162,6 +163,9 @@ class _PlainDenseStep:
             for _ in range(c.n_layer)
         ],
     }  # fmt: skip
+    rope = c.positions == "rope"
+    if not rope:
+      params["wpe"] = normal((c.block_size, d))
     dtype = jnp.dtype(c.compute_dtype)
     attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
     tx = train.optimizer(train.TrainConfig(model=c, batch_size=batch, steps=schedule_steps))
@@ -170,11 +174,13 @@ class _PlainDenseStep:
     self.count = 0
 
     def loss_fn(p, windows):
-      x = p["wte"][windows[:, :-1]] + p["wpe"][: c.block_size]
+      x = p["wte"][windows[:, :-1]] + (0.0 if rope else p["wpe"][: c.block_size])
       cast = lambda a: a.astype(dtype)  # noqa: E731
+      positions = jnp.arange(c.block_size)
       for blk in p["blocks"]:
         hdn = cast(_layer_norm(x, blk["ln1"]))
         q = jnp.einsum("btd,dnh->btnh", hdn, cast(blk["wq"]))
+        q = nn.rope(q, positions, ROPE_BASE) if rope else q
         v = jnp.einsum("btd,dnh->btnh", hdn, cast(blk["wv"]))
         k = cast(q.astype(jnp.float32) / jnp.linalg.norm(q.astype(jnp.float32), axis=-1, keepdims=True))
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention)
@@ -216,8 +222,10 @@ would reach the peak rate at once, and the loss spikes that follow change what t
 LSH buckets look like."""
 
 
-def make_step(mode: str, length: int, batch: int, schedule_steps: int, tokens, *, remat: bool, preset_name: str):
-  model_config = preset(preset_name, block_size=length, remat=remat, **MODES[mode])
+def make_step(
+    mode: str, length: int, batch: int, schedule_steps: int, tokens, *, remat: bool, preset_name: str, positions: str
+):
+  model_config = preset(preset_name, block_size=length, remat=remat, positions=positions, **MODES[mode])
   if mode == "plain_dense":
     if remat:
       raise ValueError("plain_dense has no remat; leave plain_dense out of --modes with --remat")
@@ -243,8 +251,10 @@ def bucket_summary(step) -> dict | None:
 # ----------------------------------------------------------------------------- timing
 
 
-def bench_case(length, batch, mode, *, steps, warmup, remat, preset_name, tokens) -> dict:
-  step = make_step(mode, length, batch, SCHEDULE_STEPS, tokens, remat=remat, preset_name=preset_name)
+def bench_case(length, batch, mode, *, steps, warmup, remat, preset_name, positions, tokens) -> dict:
+  step = make_step(
+      mode, length, batch, SCHEDULE_STEPS, tokens, remat=remat, preset_name=preset_name, positions=positions
+  )
   t0 = time.perf_counter()
   compiled = step.compiled()
   compile_s = time.perf_counter() - t0
@@ -438,6 +448,9 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
   parser.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
   parser.add_argument("--preset", default="gpt122m", help="GPT preset (cpu_tiny for a smoke test)")
+  parser.add_argument("--positions", default="rope", choices=("rope", "learned"),
+                      help="the GPT's positions: rotary, as the quality comparison trains it, or the paper's "
+                      "learned table")  # fmt: skip
   parser.add_argument("--data", default=None, help="a prepared folder to read (default: random tokens)")
   parser.add_argument("--profile", default="", help="TxB:mode,mode;TxB:mode ... cases to profile")
   parser.add_argument("--profile_dir", type=Path, default=None, help="keep each profile's trace and HLO here")
@@ -475,7 +488,7 @@ def main() -> None:
     for mode in modes:
       try:
         row, step = bench_case(length, batch, mode, steps=args.steps, warmup=args.warmup, remat=args.remat,
-                               preset_name=args.preset, tokens=tokens)  # fmt: skip
+                               preset_name=args.preset, positions=args.positions, tokens=tokens)  # fmt: skip
         if mode in profile.get((length, batch), []):
           try:
             keep = args.profile_dir / f"{length}x{batch}_{mode}" if args.profile_dir else None

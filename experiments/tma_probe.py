@@ -11,16 +11,22 @@ jax-triton, in its own process (an illegal address poisons the CUDA context):
 
 Cases: "pointers" (plain loads, the control), "descriptor" (a device-side descriptor),
 "descriptor_allocator" (the same after `triton.set_allocator`, which Triton's own launcher
-would use for the scratch; jax-triton launches through jaxlib, not that launcher).
+would use for the scratch; jax-triton launches through jaxlib, not that launcher), and
+"reduce_add" (two programs each add their float32 block into one zeroed output through a
+descriptor's `atomic_add`: the TMA reduction a fused dQ would use).
+
+jax_triton is imported through `scfa_jax.triton_backend.import_jax_triton`, so that the
+probe meets the library's own launcher set-up (jax-triton 0.3 and 0.4 both work).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import subprocess
 import sys
 
-CASES = ("pointers", "descriptor", "descriptor_allocator")
+CASES = ("pointers", "descriptor", "descriptor_allocator", "reduce_add")
 BLOCK = 64
 
 
@@ -42,14 +48,25 @@ def _kernel():
       block = tl.load(x_ptr + offs[:, None] * COLS + offs[None, :])
     tl.store(y_ptr + offs[:, None] * BLOCK + offs[None, :], block)
 
-  return copy_block
+  @triton.jit
+  def add_block(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    block = tl.load(x_ptr + offs[:, None] * BLOCK + offs[None, :])
+    desc = tl.make_tensor_descriptor(y_ptr, shape=[BLOCK, BLOCK], strides=[BLOCK, 1], block_shape=[BLOCK, BLOCK])
+    desc.atomic_add([0, 0], block * (tl.program_id(0) + 1))
+
+  return copy_block, add_block
 
 
 def run(case: str) -> str:
   """One case in this process: 'ok' when the block arrives intact, else what went wrong."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  import jax_triton as jt  # noqa: PLC0415
+
+  from scfa_jax.triton_backend import import_jax_triton  # noqa: PLC0415
+
+  jt = import_jax_triton()
+  spec = "out_shape" if "out_shape" in inspect.signature(jt.triton_call).parameters else "out_type"
 
   if case == "descriptor_allocator":
     import triton  # noqa: PLC0415
@@ -62,10 +79,18 @@ def run(case: str) -> str:
       return buffers[-1].unsafe_buffer_pointer()
 
     triton.set_allocator(allocate)
+  copy_block, add_block = _kernel()
+  if case == "reduce_add":
+    x = jnp.arange(BLOCK * BLOCK, dtype=jnp.float32).reshape(BLOCK, BLOCK)
+    y = jt.triton_call(
+        x, kernel=add_block, grid=(2,), zeroed_outputs=(0,), BLOCK=BLOCK,
+        **{spec: jax.ShapeDtypeStruct((BLOCK, BLOCK), x.dtype)},
+    )  # fmt: skip
+    return "ok" if bool(jnp.array_equal(jax.block_until_ready(y), 3 * x)) else "wrong values"
   x = jnp.arange(BLOCK * 2 * BLOCK, dtype=jnp.float32).reshape(BLOCK, 2 * BLOCK).astype(jnp.bfloat16)
   y = jt.triton_call(
-      x, kernel=_kernel(), grid=(1,), out_shape=jax.ShapeDtypeStruct((BLOCK, BLOCK), x.dtype),
-      ROWS=BLOCK, COLS=2 * BLOCK, BLOCK=BLOCK, DESCRIPTOR=case != "pointers",
+      x, kernel=copy_block, grid=(1,), ROWS=BLOCK, COLS=2 * BLOCK, BLOCK=BLOCK, DESCRIPTOR=case != "pointers",
+      **{spec: jax.ShapeDtypeStruct((BLOCK, BLOCK), x.dtype)},
   )  # fmt: skip
   same = bool(jnp.array_equal(jax.block_until_ready(y), x[:, :BLOCK]))
   return "ok" if same else "wrong values"

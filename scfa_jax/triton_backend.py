@@ -192,10 +192,25 @@ def _interpreted(fn):
 
 
 @functools.cache
-def _jax_triton():
+def import_jax_triton():
+  """The jax_triton module, imported on first use (after `_define_tma_tf32`)."""
+  _define_tma_tf32()
   import jax_triton  # noqa: PLC0415
 
   return jax_triton
+
+
+def _define_tma_tf32() -> None:
+  """jax-triton 0.4 imports `TMA_TF32` from triton.backends.nvidia.driver, which triton 3.6
+  lacks, and on that ImportError swaps its whole CUDA backend for stubs (every launch then
+  fails). The constant only tags host-side float32-as-TF32 TMA descriptors, which these
+  kernels never build, so define it (as 0.4's own fallback does) where it is missing."""
+  try:
+    from triton.backends.nvidia import driver  # noqa: PLC0415
+  except ImportError:  # no NVIDIA backend: nothing for jax-triton to stub out wrongly
+    return
+  if not hasattr(driver, "TMA_TF32"):
+    driver.TMA_TF32 = 0
 
 
 def default_available(q: jax.Array) -> bool:
@@ -210,7 +225,7 @@ def default_available(q: jax.Array) -> bool:
     _warn_xla_on_gpu(f"the kernels take head dims {HEAD_DIMS}, got H={q.shape[-1]}")
     return False
   try:
-    _jax_triton()
+    import_jax_triton()
   except ImportError as e:
     _warn_xla_on_gpu(f"jax-triton could not be imported ({e}; pip install 'scfa-jax[gpu]')")
     return False
@@ -248,7 +263,7 @@ def check_supported(implementation: str, q: jax.Array) -> None:
   if os.environ.get("TRITON_INTERPRET") == "1":
     raise ValueError("implementation='triton' cannot run with TRITON_INTERPRET=1 set")
   try:
-    _jax_triton()
+    import_jax_triton()
   except ImportError as e:
     raise ValueError(
         f"implementation='triton' needs jax-triton (pip install 'scfa-jax[gpu]'), which failed to import: {e}"
@@ -259,7 +274,7 @@ def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps
   """Runs `kernel` on `grid` with `inputs` (arrays and int scalars) then outputs as pointers,
   and `meta` as constexprs."""
   if implementation == "triton":
-    jt = _jax_triton()
+    jt = import_jax_triton()
     # jax-triton 0.3 calls the output spec out_shape, 0.4 calls it out_type.
     spec = "out_shape" if "out_shape" in inspect.signature(jt.triton_call).parameters else "out_type"
     return jt.triton_call(

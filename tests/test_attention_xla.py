@@ -284,7 +284,7 @@ def test_default_implementation_warns_when_a_gpu_falls_back_to_xla(monkeypatch):
   def missing():
     raise ImportError("No module named 'jax_triton'")
 
-  monkeypatch.setattr(triton_backend, "_jax_triton", missing)
+  monkeypatch.setattr(triton_backend, "import_jax_triton", missing)
   with pytest.warns(RuntimeWarning, match=r"jax-triton could not be imported .*pip install 'scfa-jax\[gpu\]'"):
     assert not triton_backend.default_available(q)
   with pytest.warns(RuntimeWarning, match="head dims"):
@@ -332,3 +332,16 @@ def run_shard_map_check(implementation: str, check_vma: bool) -> None:
 
 def test_shard_map_over_the_batch_axis():
   run_shard_map_check("xla", check_vma=True)
+
+
+def test_tma_tf32_defined_where_triton_lacks_it(monkeypatch):
+  """jax-triton 0.4 stubs out its CUDA backend when triton's driver has no TMA_TF32 (triton 3.6)."""
+  driver = pytest.importorskip("triton.backends.nvidia.driver")
+  from scfa_jax import triton_backend  # noqa: PLC0415
+
+  monkeypatch.delattr(driver, "TMA_TF32", raising=False)
+  triton_backend._define_tma_tf32()
+  assert driver.TMA_TF32 == 0
+  monkeypatch.setattr(driver, "TMA_TF32", 7, raising=False)
+  triton_backend._define_tma_tf32()
+  assert driver.TMA_TF32 == 7  # a triton that has it keeps its own value
