@@ -196,7 +196,7 @@ class AttentionCache:
 
   Made by `SparseCausalSelfAttention.init_cache`, filled by `prefill`, extended by
   `decode_step`. The random draws are made once, at `init_cache`, and hold for the whole
-  generation: hash mode's rotations, qk_drop's keep mask for every position.
+  generation: hash mode's rotations, qk_drop's query and key keep masks for every position.
   """
 
   length: jax.Array  # int32 []: positions filled, i.e. the position of the next token
@@ -209,4 +209,5 @@ class AttentionCache:
   # Centered hash: float32 [B, N, R], the sum of the earlier queries' projected unit vectors.
   q_projected_sum: jax.Array | None = None
   k_projected_sum: jax.Array | None = None  # the same for keys [B, K, R], when they are not the queries
-  keep: jax.Array | None = None  # qk_drop: bool [B, L, K], per kv head
+  q_keep: jax.Array | None = None  # qk_drop: bool [B, L, N], per query head
+  k_keep: jax.Array | None = None  # qk_drop: bool [B, L, K], per kv head, drawn independently

@@ -195,7 +195,7 @@ class GPT(nnx.Module):
   ) -> tuple[AttentionCache, ...]:
     """Empty decoding caches, one per layer, of max_length positions (block_size if None).
 
-    Each layer draws its rotations or keep mask from its key of rngs, as a call of the
+    Each layer draws its rotations or keep masks from its key of rngs, as a call of the
     model with the same rngs would (`SparseCausalSelfAttention.init_cache`, which also says
     what page_size does).
     """

@@ -2,7 +2,7 @@
 
 Attention itself is one of the public functions in `scfa_jax.api` (or
 `jax.nn.dot_product_attention` in dense mode); this module only owns projections,
-the random bucket / keep draws, the `shard_map` over the batch axis that
+the random rotation / keep-mask draws, the `shard_map` over the batch axis that
 jax-triton calls need under a mesh (they have no partitioning rule), and the layer's
 side of decoding with a key/value cache (the attention of a step is in `scfa_jax.decode`).
 """
@@ -62,7 +62,7 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array
 
 
 def keep_mask(key: jax.Array, drop_rate: float, shape: tuple[int, int, int]) -> jax.Array:
-  """qk_drop's draw: bool [B, T, N], True where (batch, position, head) is kept.
+  """One qk_drop draw: bool [B, T, N], True where (batch, position, head) is kept.
 
   Position t's column is `bernoulli(fold_in(key, t), 1 - drop_rate, (B, N))`, so the mask
   of a prefix does not depend on how long the sequence is: decoding token by token meets
@@ -73,6 +73,20 @@ def keep_mask(key: jax.Array, drop_rate: float, shape: tuple[int, int, int]) -> 
     return jax.random.bernoulli(jax.random.fold_in(key, t), 1.0 - drop_rate, (batch, heads))
 
   return jnp.moveaxis(jax.vmap(draw)(jnp.arange(length)), 0, 1)
+
+
+def keep_masks(
+    key: jax.Array, drop_rate: float, q_shape: tuple[int, int, int], k_shape: tuple[int, int, int]
+) -> tuple[jax.Array, jax.Array]:
+  """qk_drop's two draws: (q_keep bool [B, T, N], k_keep bool [B, S, K]).
+
+  As in the paper, queries and keys are dropped independently: q_keep is `keep_mask` of
+  the first key of `jax.random.split(key)`, k_keep of the second. Each keeps
+  `keep_mask`'s prefix property, so a cache of any length and a call agree on the
+  positions they share.
+  """
+  q_key, k_key = jax.random.split(key)
+  return keep_mask(q_key, drop_rate, q_shape), keep_mask(k_key, drop_rate, k_shape)
 
 
 def _draw_key(rngs, stream) -> jax.Array:
@@ -93,8 +107,10 @@ class SparseCausalSelfAttention(nnx.Module):
       for bf16/f16 compute (jax.nn's default would be XLA): the honest baseline.
     "hash": fresh random LSH rotations on every call (`num_buckets` buckets per
       head); a query attends the earlier keys of its bucket (`hash_sparse_attention`).
-    "qk_drop": each (batch, token, head) is dropped with probability `drop_rate`
-      from both queries and keys (`qk_sparse_attention`); a dropped query outputs 0.
+    "qk_drop": each query (batch, token, head) and, independently, each key
+      (batch, token, kv head) is dropped with probability `drop_rate`
+      (`qk_sparse_attention`, masks from `keep_masks`); a query attends the earlier kept
+      keys, and a dropped query, or one with no kept key up to its position, outputs 0.
 
   With `shared_qk` (the paper's language model, after Reformer) there is no key
   projection: keys are the L2-normalised queries, and hash mode uses strict
@@ -103,9 +119,10 @@ class SparseCausalSelfAttention(nnx.Module):
   Grouped-query attention: `num_kv_heads` K < N projects keys and values to K heads, which
   query head n reads as head n // (N // K); the decoding cache holds K heads. Hash mode draws
   its rotations per kv head, and the queries of a group hash with their kv head's rotations,
-  so that a query and the keys it may meet share one hash function. qk_drop draws its keep
-  mask per kv head: a dropped (token, kv head) leaves its key and the queries of the whole
-  group. shared_qk needs K = N (keys are the queries, one per query head).
+  so that a query and the keys it may meet share one hash function. qk_drop draws its query
+  keep mask per query head and its key keep mask per kv head: a dropped (token, kv head) key
+  is seen by no query head of its group. shared_qk needs K = N (keys are the queries, one per
+  query head).
 
   With `center_hash`, hash mode buckets `lsh.causal_center(q)` instead of q: the
   paper's argmax LSH of raw queries puts most tokens of a deep layer into a few
@@ -124,7 +141,7 @@ class SparseCausalSelfAttention(nnx.Module):
   mode's centering starts over at each document. Decoding takes one document per row.
 
   Decoding: `init_cache` makes a cache of fixed length and draws the rotations or keep
-  mask once; `prefill` attends a prompt and fills the cache; `decode_step` attends one
+  masks once; `prefill` attends a prompt and fills the cache; `decode_step` attends one
   new token against it. The outputs are those of a call on the whole sequence with the
   same key.
 
@@ -176,7 +193,7 @@ class SparseCausalSelfAttention(nnx.Module):
       dtype: compute dtype (e.g. bfloat16); params stay in param_dtype.
       init_std: std of the q/k/v projections' normal init.
       out_init_std: std of the output projection (residual branch); init_std if None.
-      rng_collection: name of the nnx.Rngs stream for buckets and keep masks.
+      rng_collection: name of the nnx.Rngs stream for rotations and keep masks.
       rngs: params are drawn from rngs.params(); the attention stream is forked.
     """
     if mode not in MODES:
@@ -248,7 +265,8 @@ class SparseCausalSelfAttention(nnx.Module):
         self.sow(nnx.Intermediate, "bucket_sizes", bucket_sizes(buckets[0], self.num_buckets))
       out = self._hash(q, k, v, buckets, segment_ids)
     else:
-      out = self._qk_drop(q, k, v, keep_mask(self._key(rngs), self.drop_rate, k.shape[:3]), segment_ids)
+      q_keep, k_keep = keep_masks(self._key(rngs), self.drop_rate, q.shape[:3], k.shape[:3])
+      out = self._qk_drop(q, k, v, q_keep, k_keep, segment_ids)
     return self._out(out)
 
   def init_cache(
@@ -261,10 +279,10 @@ class SparseCausalSelfAttention(nnx.Module):
   ) -> decode.AttentionCache:
     """An empty cache of max_length positions for `prefill` and `decode_step`.
 
-    Hash mode draws its rotations here and qk_drop its keep mask for all max_length
-    positions, once, from rngs (the layer's own stream when None): every step of the
-    generation uses them, so that the tokens are those of calling the layer on the whole
-    sequence with the same key.
+    Hash mode draws its rotations here and qk_drop its query and key keep masks for all
+    max_length positions, once, from rngs (the layer's own stream when None): every step
+    of the generation uses them, so that the tokens are those of calling the layer on the
+    whole sequence with the same key.
 
     page_size (hash mode only): keep keys and values in pages of page_size rows grouped
     by bucket (`decode.BucketPages`), so that a decode step reads only the keys of its
@@ -283,7 +301,9 @@ class SparseCausalSelfAttention(nnx.Module):
     rows = jnp.zeros((b, max_length, kv_heads, h), self.dtype)  # K heads: what grouped-query attention saves
     fields = dict(length=jnp.zeros((), jnp.int32), max_length=max_length, k=rows, v=rows)
     if self.mode == "qk_drop":
-      fields["keep"] = keep_mask(self._key(rngs), self.drop_rate, (b, max_length, kv_heads))
+      fields["q_keep"], fields["k_keep"] = keep_masks(
+          self._key(rngs), self.drop_rate, (b, max_length, n), (b, max_length, kv_heads)
+      )
     elif self.mode == "hash":
       fields["rotations"] = lsh.random_rotations(self._key(rngs), kv_heads, h, self.num_buckets)
       if page_size is None:
@@ -303,7 +323,7 @@ class SparseCausalSelfAttention(nnx.Module):
     """Attends the prompt x [B, T, D] (positions 0 .. T-1) and fills the cache with it.
 
     Returns (y [B, T, D], cache of length T). y is the layer's output for x with the
-    cache's rotations or keep mask, computed by the same attention function as a call.
+    cache's rotations or keep masks, computed by the same attention function as a call.
     The cache starts over: what it held before is dropped.
     """
     length = x.shape[1]
@@ -314,7 +334,7 @@ class SparseCausalSelfAttention(nnx.Module):
     if self.mode == "dense":
       out = self._dense(q, k, v)
     elif self.mode == "qk_drop":
-      out = self._qk_drop(q, k, v, cache.keep[:, :length])
+      out = self._qk_drop(q, k, v, cache.q_keep[:, :length], cache.k_keep[:, :length])
     else:
       buckets = self._buckets(q, k, cache.rotations)
       out = self._hash(q, k, v, buckets)
@@ -337,7 +357,7 @@ class SparseCausalSelfAttention(nnx.Module):
     """One new token per row, x [B, 1, D] at position cache.length: (y [B, 1, D], cache one longer).
 
     y equals the last row of the layer's output on the whole sequence so far (same
-    rotations or keep mask), up to float rounding; a row that may attend to nothing gives
+    rotations or keep masks), up to float rounding; a row that may attend to nothing gives
     exactly 0 there as here. jnp only (`decode.masked_attention` or, with bucket pages,
     `decode.bucket_attention`), whatever the implementation. A step into a full cache
     (length == max_length) returns NaN: nothing can raise inside jit.
@@ -359,9 +379,10 @@ class SparseCausalSelfAttention(nnx.Module):
       if self.mode == "dense":
         out = decode.masked_attention(q, changes["k"], changes["v"], causal[None, None], scale=scale)
       elif self.mode == "qk_drop":
-        keep = jnp.swapaxes(cache.keep, 1, 2)  # [B, K, L]: a query's keep is its kv head's
-        allowed = causal & keep & keep[..., position, None]
-        allowed = self._per_query_head(allowed)
+        # Keys s <= position kept for the kv head, and the query's own keep at position.
+        k_keep = self._per_query_head(jnp.swapaxes(cache.k_keep, 1, 2))  # [B, N, L]
+        q_keep = jax.lax.dynamic_index_in_dim(cache.q_keep, position, 1, keepdims=False)  # [B, N]
+        allowed = causal & k_keep & q_keep[..., None]
         out = decode.masked_attention(q, changes["k"], changes["v"], allowed, scale=scale)
       else:
         q_bucket, k_bucket, sums = self._next_buckets(q, k, cache)
@@ -460,8 +481,8 @@ class SparseCausalSelfAttention(nnx.Module):
         q, k, v, buckets, strict=self.shared_qk, implementation=self.implementation, segment_ids=segment_ids
     )
 
-  def _qk_drop(self, q, k, v, keep, segment_ids=None):
-    return _qk_drop_attention(q, k, v, keep, self.implementation, segment_ids)
+  def _qk_drop(self, q, k, v, q_keep, k_keep, segment_ids=None):
+    return _qk_drop_attention(q, k, v, q_keep, k_keep, self.implementation, segment_ids)
 
 
 def _dense_attention(q, k, v, implementation, segment_ids=None):
@@ -504,20 +525,17 @@ def _hash_attention(q, k, v, buckets, *, strict, implementation, segment_ids=Non
     return batch_sharded(attend)(q, k, v, segment_ids, *buckets)
 
 
-def _qk_drop_attention(q, k, v, keep, implementation, segment_ids=None):
-  """keep: bool [B, T, K] per kv head, which the queries of its group share."""
+def _qk_drop_attention(q, k, v, q_keep, k_keep, implementation, segment_ids=None):
+  """q_keep: bool [B, T, N] per query head; k_keep: bool [B, T, K] per kv head."""
 
-  def attend(q, k, v, keep, segment_ids):
-    group = q.shape[2] // k.shape[2]
-    # One array for both sides when the heads agree: one sort.
-    q_keep = keep if group == 1 else jnp.repeat(keep, group, axis=2)
+  def attend(q, k, v, q_keep, k_keep, segment_ids):
     return api.qk_sparse_attention(
-        q, k, v, q_keep=q_keep, k_keep=keep, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
+        q, k, v, q_keep=q_keep, k_keep=k_keep, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
         implementation=implementation,
     )  # fmt: skip
 
   with jax.named_scope("attention_core"):
-    return batch_sharded(attend)(q, k, v, keep, segment_ids)
+    return batch_sharded(attend)(q, k, v, q_keep, k_keep, segment_ids)
 
 
 def check_kv_heads(num_heads: int, num_kv_heads: int | None, shared_qk: bool) -> int:
@@ -560,7 +578,8 @@ def attention_fn(
     "hash": `hash_sparse_attention` with num_buckets buckets per head; queries and keys are
       bucketed separately under the same rotations (causally centered with center_hash,
       as `SparseCausalSelfAttention(shared_qk=False)` does), and t attends s <= t.
-    "qk_drop": `qk_sparse_attention` with `keep_mask(key, drop_rate, ...)` for queries and keys.
+    "qk_drop": `qk_sparse_attention` with query and key masks drawn independently,
+      `keep_masks(key, drop_rate, query shape, key shape)`.
 
   It is always causal self-attention. With mask=None (and any is_causal) it applies
   causality itself. A mask [batch..., 1 or N, T, T] is accepted only if it is the causal
@@ -620,7 +639,8 @@ def attention_fn(
       buckets = _lsh_buckets([q, k], rotations, center_hash)
       out = _hash_attention(q, k, v, buckets, strict=False, implementation=implementation)
     else:
-      out = _qk_drop_attention(q, k, v, keep_mask(draw, drop_rate, q.shape[:3]), implementation)
+      q_keep, k_keep = keep_masks(draw, drop_rate, q.shape[:3], k.shape[:3])
+      out = _qk_drop_attention(q, k, v, q_keep, k_keep, implementation)
     return out.reshape(query.shape[:-1] + out.shape[-1:])
 
   return attend

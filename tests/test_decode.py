@@ -72,7 +72,7 @@ def _check_against_full_model(model, prompt, steps, key, page_size=None, rtol=2e
 ])  # fmt: skip
 def test_cached_greedy_decoding_equals_the_full_model(name, prompt_length):
   """Each decode step's logits are the full model's at that position (same rotations /
-  keep mask), so greedy tokens are those of recomputing the whole sequence every step."""
+  keep masks), so greedy tokens are those of recomputing the whole sequence every step."""
   model = _model(name)
   prompt = jax.random.randint(jax.random.key(1), (2, prompt_length), 0, CONFIG.vocab_size)
   tokens = _check_against_full_model(model, prompt, STEPS, jax.random.key(2))
@@ -93,8 +93,9 @@ def test_cached_decoding_after_an_interpreted_prefill(name):
 ])  # fmt: skip
 def test_rows_that_may_attend_nothing_are_exactly_zero_as_in_the_full_layer(mode, page_size, shared_qk):
   """One head, so that a zero output row is a query with no allowed key: the first token of
-  its bucket (strict shared-QK causality: never itself) or a dropped query. With bucket
-  pages (page_size) each step reads only its bucket's pages."""
+  its bucket (strict shared-QK causality: never itself), a dropped query or one with no kept
+  key up to its position. With bucket pages (page_size) each step reads only its bucket's
+  pages."""
   layer = SparseCausalSelfAttention(width=16, num_heads=1, mode=mode, num_buckets=4, drop_rate=0.5,
                                     shared_qk=shared_qk, implementation="xla", rngs=nnx.Rngs(0))  # fmt: skip
   x = jax.random.normal(jax.random.key(1), (2, 24, 16))

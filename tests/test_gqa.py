@@ -232,7 +232,8 @@ def _layer(mode, num_kv_heads, **kw):
 
 def _numpy_gqa_layer(layer, x, key):
   """The layer with K kv heads written out in float64 numpy: each query head n uses kv head
-  n // G and its rotations (hash) or keep mask (qk_drop), both drawn for K heads."""
+  n // G and its rotations (hash) or key keep mask (qk_drop), both drawn for K heads; qk_drop's
+  query keep mask is drawn for N heads."""
   b, t, n, kv_heads = LAYER_B, LAYER_T, LAYER_N, layer.num_kv_heads
   group, h = n // kv_heads, LAYER_D // LAYER_N
   x = np.asarray(x, np.float64)
@@ -255,10 +256,13 @@ def _numpy_gqa_layer(layer, x, key):
     kb = np.repeat(buckets(k, rotations), group, axis=1)
     mask = causal & (qb[..., :, None] == kb[..., None, :])
   elif layer.mode == "qk_drop":
-    keep_rate = 1 - layer.drop_rate
-    draw = [jax.random.bernoulli(jax.random.fold_in(key, s), keep_rate, (b, kv_heads)) for s in range(t)]
-    keep = np.repeat(np.stack(draw, axis=-1), group, axis=1)  # [B, N, T]
-    mask = causal & keep[..., :, None] & keep[..., None, :]
+    def draw(half, heads):  # [B, heads, T], position s from fold_in(half, s)
+      return np.stack([jax.random.bernoulli(jax.random.fold_in(half, s), 1 - layer.drop_rate, (b, heads))
+                       for s in range(t)], axis=-1)  # fmt: skip
+
+    q_key, k_key = jax.random.split(key)  # independent query and key draws
+    k_keep = np.repeat(draw(k_key, kv_heads), group, axis=1)
+    mask = causal & draw(q_key, n)[..., :, None] & k_keep[..., None, :]
   k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
   s = np.where(mask, np.einsum("btnh,bsnh->bnts", q, k) * h**-0.5, -np.inf)
   m = np.max(s, -1, keepdims=True)

@@ -55,10 +55,14 @@ def _numpy_attention(layer, x, key):
     strict = t[:, None] > t[None, :]
     mask = (strict if layer.shared_qk else causal) & (qb[..., :, None] == kb[..., None, :])
   elif layer.mode == "qk_drop":
-    # The documented draw: position t's column from fold_in(key, t), whatever T is.
-    draw = [jax.random.bernoulli(jax.random.fold_in(key, t), 1 - layer.drop_rate, (B, N)) for t in range(T)]
-    keep = np.stack(draw, axis=-1)
-    mask = causal & keep[..., :, None] & keep[..., None, :]
+    # The documented draws: queries and keys from the two halves of split(key), position
+    # t's column from fold_in(half, t), whatever T is.
+    def draw(half):
+      return np.stack([jax.random.bernoulli(jax.random.fold_in(half, t), 1 - layer.drop_rate, (B, N))
+                       for t in range(T)], axis=-1)  # fmt: skip
+
+    q_key, k_key = jax.random.split(key)
+    mask = causal & draw(q_key)[..., :, None] & draw(k_key)[..., None, :]
   s = np.einsum("btnh,bsnh->bnts", q, k) * H**-0.5
   s = np.where(mask, s, -np.inf)
   m = np.max(s, -1, keepdims=True)
@@ -170,6 +174,51 @@ def test_gradients_reach_every_parameter(mode):
   assert len(leaves) == 4
   for g in leaves:
     assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+
+def test_qk_drop_draws_query_and_key_masks_independently():
+  """As in the paper, queries and keys are dropped by independent draws: q_keep per query
+  head and k_keep per kv head, from the two halves of split(key), each built position by
+  position. The layer computes the reference QK-sparse attention under both masks, which
+  differ, and the same rngs give the same masks in a call and in a cache."""
+  n, kv_heads = 4, 2
+  layer = SparseCausalSelfAttention(
+      width=D, num_heads=n, num_kv_heads=kv_heads, mode="qk_drop", drop_rate=0.5, shared_qk=False,
+      implementation="xla", rngs=nnx.Rngs(0),
+  )  # fmt: skip
+  x = jax.random.normal(jax.random.key(1), (B, T, D))
+
+  @nnx.jit  # one compilation for the whole check: eager ops would each compile on their own
+  def run(layer, x):
+    key = nnx.Rngs(attention=4).attention()  # what the layer draws from nnx.Rngs(attention=4)
+    q_key, k_key = jax.random.split(key)
+    q_keep, k_keep = nn.keep_mask(q_key, 0.5, (B, T, n)), nn.keep_mask(k_key, 0.5, (B, T, kv_heads))
+    proj = lambda w: jnp.einsum("btd,dnh->btnh", x, w[...])  # noqa: E731
+    q, k, v = proj(layer.wq), proj(layer.wk), proj(layer.wv)
+    attend = lambda q_keep: jnp.einsum(  # noqa: E731
+        "btnh,nhd->btd", reference.qk_sparse_attention(q, k, v, q_keep=q_keep, k_keep=k_keep), layer.wo[...]
+    )
+    group_keep = jnp.repeat(k_keep, n // kv_heads, axis=2)  # each query head's kv head's keys
+    cache = layer.init_cache(B, T, rngs=nnx.Rngs(attention=4))
+    return dict(
+        q_keep=q_keep, k_keep=k_keep, group_keep=group_keep, cache=(cache.q_keep, cache.k_keep),
+        masks=nn.keep_masks(key, 0.5, (B, T, n), (B, T, kv_heads)),
+        want=attend(q_keep), shared=attend(group_keep), got=layer(x, rngs=nnx.Rngs(attention=4)),
+    )  # fmt: skip
+
+  r = jax.tree.map(np.asarray, run(layer, x))
+  q_keep, k_keep, group_keep = r["q_keep"], r["k_keep"], r["group_keep"]
+  np.testing.assert_array_equal(r["masks"][0], q_keep)
+  np.testing.assert_array_equal(r["masks"][1], k_keep)
+  assert np.any(q_keep & ~group_keep) and np.any(~q_keep & group_keep), "the draws should differ"
+  np.testing.assert_allclose(r["got"], r["want"], atol=2e-6, rtol=1e-5)
+  # One mask for both sides (queries taking their kv head's) is another computation.
+  assert not np.allclose(r["shared"], r["got"], atol=1e-4)
+  # The same rngs draw the same masks in a cache (tests/test_decode.py: a longer cache starts with them).
+  cache_q_keep, cache_k_keep = r["cache"]
+  assert cache_q_keep.shape == (B, T, n) and cache_k_keep.shape == (B, T, kv_heads)
+  np.testing.assert_array_equal(cache_q_keep, q_keep)
+  np.testing.assert_array_equal(cache_k_keep, k_keep)
 
 
 def test_bfloat16_compute_under_jit():
