@@ -1,6 +1,6 @@
 """Train a GPT with SCFA attention. With no arguments: the CPU demo on the stdlib corpus.
 
-    python experiments/train_lm.py                              # stdlib_demo, ~5 min on 2 CPU cores
+    python experiments/train_lm.py                              # stdlib_demo, about 5 min on 2 CPU cores
     python experiments/train_lm.py --config=gpt122m_hash16      # the paper's 122M model (GPU)
     python experiments/train_lm.py --steps=50 --model.num_buckets=8 --out_dir=runs/try
     python experiments/train_lm.py --config=gpt122m_hash16 --print_config   # the settings, as JSON

@@ -20,7 +20,8 @@ Gradient accumulation makes the step the same on any number of GPUs: batch_size 
 per optimizer step over all devices, and each micro-batch (batch_size / grad_accum
 sequences) is split over the GPUs. The defaults are for ONE GPU (micro-batch 4 at 8192,
 2 at 16384, the sizes of the design's H100 speed measurements; --remat=true if
-memory runs short); on G GPUs divide grad_accum by G:
+memory runs short); on G GPUs take a grad_accum whose micro-batch splits evenly over
+them:
     T=8192:  --grad_accum=16 (1 GPU), 8 (2), 4 (4), 2 (8)
     T=16384: --grad_accum=15 (1 GPU), 15 (2), 5 (3 or 6); 30 sequences do not split over
              4 or 8 GPUs: there use --batch_size=32 --grad_accum=8 (4) or 4 (8).
