@@ -22,7 +22,16 @@ fraction of it reached (speed-up / ceiling), compile time, the compiled step's m
 (XLA's memory analysis), the losses of every step and, in hash modes, the balance of the
 buckets the timed model gives one batch. The steps are the first of a 10,000-step schedule
 (inside its warm-up), as a real run's would be. With --data (a prepared folder) the steps
-read that corpus, so the losses of two versions of the code can be compared.
+read that corpus, so the losses of two versions of the code can be compared; with a byte
+corpus, --vocab_size=257 makes the model of the quality comparison (experiments/configs/
+quality.py) instead of the paper's 50304-token vocabulary fed only bytes.
+
+The GPT has rotary positions (--positions=learned for the paper's position table). The
+choice changes what hash attention costs: with the table, equal bytes (runs of spaces)
+give nearly equal queries, and within the first 50 steps of training the byte-level
+model's buckets hold a sum of squared bucket shares of 0.14-0.17 (0.07 at initialisation,
+0.0625 for uniform buckets); with rotary positions 0.09 (experiments/bucket_balance.py,
+docs/performance.md). Hash attention computes about that share of the causal pairs.
 
 --profile adds, for the given cases, a breakdown of one step's GPU time by part of the
 model: jax.profiler traces each kernel to its HLO instruction, whose op_name carries the
@@ -36,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import glob
 import gzip
 import json
@@ -222,10 +230,9 @@ would reach the peak rate at once, and the loss spikes that follow change what t
 LSH buckets look like."""
 
 
-def make_step(
-    mode: str, length: int, batch: int, schedule_steps: int, tokens, *, remat: bool, preset_name: str, positions: str
-):
-  model_config = preset(preset_name, block_size=length, remat=remat, positions=positions, **MODES[mode])
+def make_step(mode: str, length: int, batch: int, schedule_steps: int, tokens, *, remat: bool, preset_name: str,
+              **model_fields):  # fmt: skip
+  model_config = preset(preset_name, block_size=length, remat=remat, **model_fields, **MODES[mode])
   if mode == "plain_dense":
     if remat:
       raise ValueError("plain_dense has no remat; leave plain_dense out of --modes with --remat")
@@ -251,10 +258,8 @@ def bucket_summary(step) -> dict | None:
 # ----------------------------------------------------------------------------- timing
 
 
-def bench_case(length, batch, mode, *, steps, warmup, remat, preset_name, positions, tokens) -> dict:
-  step = make_step(
-      mode, length, batch, SCHEDULE_STEPS, tokens, remat=remat, preset_name=preset_name, positions=positions
-  )
+def bench_case(length, batch, mode, *, steps, warmup, remat, preset_name, tokens, **model_fields) -> dict:
+  step = make_step(mode, length, batch, SCHEDULE_STEPS, tokens, remat=remat, preset_name=preset_name, **model_fields)
   t0 = time.perf_counter()
   compiled = step.compiled()
   compile_s = time.perf_counter() - t0
@@ -446,6 +451,8 @@ def main() -> None:
   parser.add_argument("--modes", default="dense,hash16,no_attention,plain_dense", help=f"among {list(MODES)}")
   parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+  parser.add_argument("--vocab_size", type=int, default=None,
+                      help="the model's vocabulary (default: the preset's); 257 for a byte corpus fits it exactly")  # fmt: skip
   parser.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
   parser.add_argument("--preset", default="gpt122m", help="GPT preset (cpu_tiny for a smoke test)")
   parser.add_argument("--positions", default="rope", choices=("rope", "learned"),
@@ -477,9 +484,14 @@ def main() -> None:
   def write(rows):  # after every case, so that a run cut short keeps what it measured
     out.write_text(json.dumps({"versions": info, "args": vars(args), "results": rows}, indent=1, default=str) + "\n")
 
-  vocab = preset(args.preset).vocab_size
+  model_fields = {"positions": args.positions}
+  if args.vocab_size is not None:
+    model_fields["vocab_size"] = args.vocab_size
+  vocab = preset(args.preset, **model_fields).vocab_size
   if args.data:
     tokens = prepared.load(args.data)[0]["train"]
+    if int(tokens.max()) >= vocab:
+      parser.error(f"--data has token ids up to {int(tokens.max())}, past the model's vocab_size={vocab}")
   else:
     tokens = np.random.default_rng(0).integers(0, vocab, size=2**24, dtype=np.uint16)
   rows = []
@@ -488,7 +500,7 @@ def main() -> None:
     for mode in modes:
       try:
         row, step = bench_case(length, batch, mode, steps=args.steps, warmup=args.warmup, remat=args.remat,
-                               preset_name=args.preset, positions=args.positions, tokens=tokens)  # fmt: skip
+                               preset_name=args.preset, tokens=tokens, **model_fields)  # fmt: skip
         if mode in profile.get((length, batch), []):
           try:
             keep = args.profile_dir / f"{length}x{batch}_{mode}" if args.profile_dir else None

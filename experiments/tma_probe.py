@@ -52,7 +52,9 @@ def _kernel():
   def add_block(x_ptr, y_ptr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     block = tl.load(x_ptr + offs[:, None] * BLOCK + offs[None, :])
-    desc = tl.make_tensor_descriptor(y_ptr, shape=[BLOCK, BLOCK], strides=[BLOCK, 1], block_shape=[BLOCK, BLOCK])
+    desc = tl.make_tensor_descriptor(
+      y_ptr, shape=[BLOCK, BLOCK], strides=[BLOCK, 1], block_shape=[BLOCK, BLOCK]
+    )
     desc.atomic_add([0, 0], block * (tl.program_id(0) + 1))
 
   return copy_block, add_block
