@@ -29,9 +29,10 @@ quality.py) instead of the paper's 50304-token vocabulary fed only bytes.
 The GPT has rotary positions (--positions=learned for the paper's position table). The
 choice changes what hash attention costs: with the table, equal bytes (runs of spaces)
 give nearly equal queries, and within the first 50 steps of training the byte-level
-model's buckets hold a sum of squared bucket shares of 0.14-0.17 (0.07 at initialisation,
-0.0625 for uniform buckets); with rotary positions 0.09 (experiments/bucket_balance.py,
-docs/performance.md). Hash attention computes about that share of the causal pairs.
+model's buckets hold a sum of squared bucket shares of 0.14-0.17, 0.16-0.18 by step 100
+(0.07 at initialisation, 0.0625 for uniform buckets); with rotary positions 0.09-0.10
+(experiments/bucket_balance.py, docs/performance.md). Hash attention computes about that
+share of the causal pairs.
 
 --profile adds, for the given cases, a breakdown of one step's GPU time by part of the
 model: jax.profiler traces each kernel to its HLO instruction, whose op_name carries the
