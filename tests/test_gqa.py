@@ -143,21 +143,26 @@ def test_interpret_gqa_is_bitwise_deterministic_and_empty_rows_are_zero():
   assert np.all(np.asarray(attend(q, k, v))[no_key] == 0.0)
 
 
+def _grouped_tokens(num_buckets, *, bucket_shapes, keep_shapes):
+  """Sorted tokens with fewer kv heads than query heads: (hash, qk_drop), from random buckets
+  in [0, num_buckets) for the (query, key) shapes of bucket_shapes and keep masks for those
+  of keep_shapes."""
+  from scfa_jax import sorting  # noqa: PLC0415
+
+  rng = np.random.default_rng(5)
+  buckets = [jnp.asarray(rng.integers(0, num_buckets, shape)) for shape in bucket_shapes]
+  keeps = [jnp.asarray(rng.random(shape) < 0.6) for shape in keep_shapes]
+  return [sorting.by_bucket(*buckets), sorting.by_keep_mask(*keeps)]
+
+
 def test_plan_kernel_pairs_each_query_head_with_its_kv_head():
   """kernels/plan.py on tokens with N = 6 query heads and K = 2 or 3 kv heads gives the jnp
   plan's ranges exactly, both views."""
   pytest.importorskip("torch", reason="the interpreter's tensors")
   pytest.importorskip("triton")
-  from scfa_jax import sorting  # noqa: PLC0415
   from tests.plan_kernel_check import check_plan_kernel  # noqa: PLC0415
 
-  rng = np.random.default_rng(5)
-  buckets = lambda shape: jnp.asarray(rng.integers(0, 3, shape))  # noqa: E731
-  keep = lambda shape: jnp.asarray(rng.random(shape) < 0.6)  # noqa: E731
-  cases = [
-      sorting.by_bucket(buckets((1, 70, 6)), buckets((1, 53, 2))),
-      sorting.by_keep_mask(keep((1, 53, 6)), keep((1, 70, 3))),
-  ]
+  cases = _grouped_tokens(3, bucket_shapes=((1, 70, 6), (1, 53, 2)), keep_shapes=((1, 53, 6), (1, 70, 3)))
   for tokens, strict in zip(cases, (True, False), strict=True):
     check_plan_kernel("interpret", tokens, [(16, 32)], strict)
 
@@ -437,16 +442,11 @@ def test_gpu_gqa_is_bitwise_deterministic_and_matches_repeated_heads():
 @pytest.mark.parametrize("strict", [False, True])
 @_gpu
 def test_gpu_plan_kernel_pairs_each_query_head_with_its_kv_head(strict):
-  from scfa_jax import sorting  # noqa: PLC0415
   from tests.plan_kernel_check import check_plan_kernel  # noqa: PLC0415
 
-  rng = np.random.default_rng(5)
-  buckets = lambda shape: jnp.asarray(rng.integers(0, 9, shape))  # noqa: E731
-  keep = lambda shape: jnp.asarray(rng.random(shape) < 0.6)  # noqa: E731
-  cases = [
-      sorting.by_bucket(buckets((2, 5000, 8)), buckets((2, 4100, 2))),
-      sorting.by_keep_mask(keep((1, 4100, 6)), keep((1, 5000, 1))),
-  ]
+  cases = _grouped_tokens(
+      9, bucket_shapes=((2, 5000, 8), (2, 4100, 2)), keep_shapes=((1, 4100, 6), (1, 5000, 1))
+  )
   for tokens in cases:
     check_plan_kernel("triton", tokens, [(64, 32), (32, 64), (128, 64), (32, 128)], strict)
 
