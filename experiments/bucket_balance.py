@@ -9,7 +9,8 @@ benchmark of a training step (experiments/bench_model.py) is only as representat
 the buckets of the model state it times. This script trains the 122M preset in hash-16
 mode with bench_model's schedule (the first steps of a 10,000-step run, AdamW, the
 library's `Trainer`) on a prepared corpus and prints, at the given steps, the training
-loss and `Trainer.bucket_balance` on the first training batch: one JSON line per step.
+loss and `Trainer.bucket_balance` on the first training batch: one JSON line per step,
+after a first line with the device, versions, code commit and arguments.
 Runs on a CPU (slowly: about 6 s a step at T=512 x 4 on 2 cores).
 """
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when r
 
 import numpy as np  # noqa: E402
 
-from experiments.bench_model import SCHEDULE_STEPS  # noqa: E402
+from experiments.bench_model import SCHEDULE_STEPS, versions  # noqa: E402
 from scfa_jax import train  # noqa: E402
 from scfa_jax.data import batches, prepared, python_sources  # noqa: E402
 from scfa_jax.model import POSITIONS, preset  # noqa: E402
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--num_buckets", type=int, default=16)
   args = parser.parse_args(argv)
   checkpoints = sorted({int(x) for x in args.steps.split(",") if x})
+  print(json.dumps({"kind": "run", "versions": versions(), "args": vars(args)}), flush=True)
   folder = args.data or python_sources.prepare(corpus="python")
   tokens = prepared.load(folder)[0]["train"]
   fields = {"positions": args.positions, **({"vocab_size": args.vocab_size} if args.vocab_size else {})}
