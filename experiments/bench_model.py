@@ -108,7 +108,7 @@ def versions() -> dict:
 class _IdentityCore(SparseCausalSelfAttention):
   """The layer with its attention core replaced by out = v (the no_attention baseline)."""
 
-  def _dense(self, q, k, v):
+  def _dense(self, q, k, v, segment_ids=None):
     return v
 
 

@@ -256,7 +256,7 @@ class SparseCausalSelfAttention(nnx.Module):
         raise TypeError(f"segment_ids must hold integers, got segment_ids.dtype={segment_ids.dtype}")
     q, k, v = self._project(x, jnp.arange(x.shape[1]) if positions is None else positions)
     if self.mode == "dense":
-      out = _dense_attention(q, k, v, self.implementation, segment_ids)
+      out = self._dense(q, k, v, segment_ids)
     elif self.mode == "hash":
       with jax.named_scope("lsh"):
         rotations = lsh.random_rotations(self._key(rngs), self.num_kv_heads, self.head_dim, self.num_buckets)
@@ -461,8 +461,8 @@ class SparseCausalSelfAttention(nnx.Module):
     with jax.named_scope("out_projection"):
       return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(self.dtype))
 
-  def _dense(self, q, k, v):
-    return _dense_attention(q, k, v, self.implementation)
+  def _dense(self, q, k, v, segment_ids=None):
+    return _dense_attention(q, k, v, self.implementation, segment_ids)
 
   def _buckets(self, q, k, rotations, segment_ids=None) -> list[jax.Array]:
     """[query buckets] for shared-QK, else [query buckets [B, T, N], key buckets [B, T, K]];

@@ -1,0 +1,48 @@
+"""experiments/bench_model.py: its baselines compute what they claim (the timings need a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tests.scripts import EXPERIMENTS, run_script
+
+
+def _bench():
+  spec = importlib.util.spec_from_file_location("bench_model", EXPERIMENTS / "bench_model.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  return bench
+
+
+bench = _bench()
+TOKENS = np.random.default_rng(0).integers(0, 257, size=4096, dtype=np.uint16)
+
+
+def test_no_attention_layers_return_v_projected():
+  """The ceiling's layers must skip attention whatever path the layer's call takes."""
+  step = bench.make_step("no_attention", 32, 2, 10, TOKENS, remat=False, preset_name="cpu_tiny", positions="rope")
+  attn = step.trainer.model().blocks[0].attn
+  x = jax.random.normal(jax.random.key(0), (2, 32, attn.wq.shape[0]))
+  _, _, v = attn._project(x, jnp.arange(32))
+  np.testing.assert_array_equal(attn(x), attn._out(v))
+  dense = bench.make_step("dense", 32, 2, 10, TOKENS, remat=False, preset_name="cpu_tiny", positions="rope")
+  assert not np.allclose(dense.trainer.model().blocks[0].attn(x), attn._out(v), atol=1e-3)
+
+
+def test_smoke_run_writes_rows_with_ratios(tmp_path):
+  out = tmp_path / "bench.json"
+  run_script(
+      "bench_model.py", "--preset=cpu_tiny", "--cases=32x2", "--modes=dense,hash16,no_attention,plain_dense",
+      "--steps=1", "--warmup=1", f"--out={out}",
+  )  # fmt: skip
+  rows = {row["mode"]: row for row in json.loads(out.read_text())["results"]}
+  assert set(rows) == {"dense", "hash16", "no_attention", "plain_dense"}
+  assert rows["dense"]["speedup_vs_dense"] == 1.0
+  assert rows["hash16"]["buckets"]["pair_share"] > 0
+  for row in rows.values():
+    assert row["step_ms"] > 0 and np.isfinite(row["losses"]).all()
