@@ -25,13 +25,15 @@ TOKENS = np.random.default_rng(0).integers(0, 257, size=4096, dtype=np.uint16)
 
 def test_no_attention_layers_return_v_projected():
   """The ceiling's layers must skip attention whatever path the layer's call takes."""
-  step = bench.make_step("no_attention", 32, 2, 10, TOKENS, remat=False, preset_name="cpu_tiny", positions="rope")
-  attn = step.trainer.model().blocks[0].attn
+  def layer(mode):
+    step = bench.make_step(mode, 32, 2, 10, TOKENS, remat=False, preset_name="cpu_tiny", positions="rope")
+    return step.trainer.model().blocks[0].attn
+
+  attn = layer("no_attention")
   x = jax.random.normal(jax.random.key(0), (2, 32, attn.wq.shape[0]))
   _, _, v = attn._project(x, jnp.arange(32))
   np.testing.assert_array_equal(attn(x), attn._out(v))
-  dense = bench.make_step("dense", 32, 2, 10, TOKENS, remat=False, preset_name="cpu_tiny", positions="rope")
-  assert not np.allclose(dense.trainer.model().blocks[0].attn(x), attn._out(v), atol=1e-3)
+  assert not np.allclose(layer("dense")(x), attn._out(v), atol=1e-3)
 
 
 def test_smoke_run_writes_rows_with_ratios(tmp_path):
