@@ -39,7 +39,9 @@ model: jax.profiler traces each kernel to its HLO instruction, whose op_name car
 model's named scopes (embedding, layer_norm, qkv_projection, lsh, attention_core,
 scfa_sort, mlp, logits, cross_entropy, optimizer); kernels of no scope go by name
 (copies and transposes, the rest "other"), and wall time not covered by any kernel is
-"host_gaps".
+"host_gaps". Kernels that ran inside XLA's command buffers are matched to instructions by
+their kernel names, which can point at the wrong instruction (the logits' 2 ms reduction
+has been filed under the LSH): --no_command_buffers gives each kernel its own.
 """
 
 from __future__ import annotations
