@@ -3,7 +3,8 @@
 Pre-LayerNorm blocks without biases, GELU MLP 4x, learned absolute positions (or rotary
 queries and keys: positions="rope"), tied input/output embeddings, N(0, 0.02) init with residual projections scaled by
 1/sqrt(2 * n_layer). Params are float32; matmuls run in `compute_dtype` (bf16 by
-default) while the residual stream, LayerNorm statistics and logits stay float32.
+default) while the residual stream, LayerNorm statistics and logits stay float32 (the
+training loss, `tied_cross_entropy`, rounds its logits to the compute dtype).
 """
 
 from __future__ import annotations
@@ -156,7 +157,9 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-  """tokens int [B, T] -> logits float32 [B, T, vocab_size].
+  """tokens int [B, T] -> logits float32 [B, T, vocab_size]; with `targets` (int [B, T], the
+  next tokens) -> the cross-entropy float32 [B, T] of each position, in nats
+  (`tied_cross_entropy`: the training path, which never forms float32 logits).
 
   `rngs` in the call feeds the attention layers' bucket / keep draws (one key per
   layer from its `attention` stream, or its default stream); without it each
@@ -175,7 +178,9 @@ class GPT(nnx.Module):
     self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
     self.ln_f = nnx.LayerNorm(config.n_embd, use_bias=False, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array, *, segment_ids=None, positions=None, rngs=None) -> jax.Array:
+  def __call__(
+      self, tokens: jax.Array, *, segment_ids=None, positions=None, rngs=None, targets=None
+  ) -> jax.Array:
     _, t = tokens.shape
     if t > self.config.block_size:
       raise ValueError(f"sequence length {t} exceeds block_size={self.config.block_size}")
@@ -183,11 +188,17 @@ class GPT(nnx.Module):
       if x is not None and getattr(x, "shape", None) != tokens.shape:
         shape = getattr(x, "shape", None)
         raise ValueError(f"{name} must be int [B, T] = {tokens.shape}, got {name}.shape={shape}")
+    if targets is not None and getattr(targets, "shape", None) != tokens.shape:
+      shape = getattr(targets, "shape", None)
+      raise ValueError(f"targets must be int [B, T] = {tokens.shape}, got targets.shape={shape}")
     x = self._embed(tokens, jnp.arange(t) if positions is None else positions)
     run_block = nnx.remat(_run_block) if self.config.remat else _run_block
     # Keys drawn out here, one per layer, so that remat never mutates the Rngs.
     for block, key in zip(self.blocks, self._layer_keys(rngs)):
       x = run_block(block, x, key, segment_ids, positions)
+    if targets is not None:
+      x, embedding = self._unembed_inputs(x)
+      return tied_cross_entropy(x, embedding, targets)
     return self._logits(x)
 
   def init_cache(
@@ -236,12 +247,17 @@ class GPT(nnx.Module):
       x = self.wte[...][tokens]
       return x if self.wpe is None else x + self.wpe[...][positions]
 
-  def _logits(self, x):
+  def _unembed_inputs(self, x):
+    """The final layer norm's output and the tied embedding, both in the compute dtype."""
     with jax.named_scope("layer_norm"):
       x = self.ln_f(x)
     dtype = jnp.dtype(self.config.compute_dtype)
+    return x.astype(dtype), self.wte[...].astype(dtype)
+
+  def _logits(self, x):
+    x, embedding = self._unembed_inputs(x)
     with jax.named_scope("logits"):
-      return tied_logits(x.astype(dtype), self.wte[...].astype(dtype))
+      return tied_logits(x, embedding)
 
 
 @jax.custom_vjp
@@ -270,6 +286,46 @@ def _tied_logits_bwd(residuals, g):
 
 
 tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
+@jax.custom_vjp
+def tied_cross_entropy(x: jax.Array, embedding: jax.Array, targets: jax.Array) -> jax.Array:
+  """Cross-entropy float32 [B, T] (nats) of the logits x [B, T, D] @ embedding [V, D].T at
+  the target ids int [B, T]; x and embedding in the compute dtype.
+
+  The logits are formed in the compute dtype (bf16 products accumulate in float32 and are
+  rounded once, as in a mixed-precision step) and their log-sum-exp in float32. The
+  backward forms the logits' gradient softmax - onehot in the compute dtype in one pass
+  over the saved logits and feeds it to the two products. Over a 50304-word vocabulary the
+  logits are the step's largest tensor: float32 logits and autodiff of a float32
+  log-softmax read and write it about twice as often, in twice the bytes.
+  """
+  return _tied_cross_entropy_fwd(x, embedding, targets)[0]
+
+
+def _tied_cross_entropy_fwd(x, embedding, targets):
+  with jax.named_scope("logits"):
+    logits = jnp.einsum("btd,vd->btv", x, embedding)
+  with jax.named_scope("cross_entropy"):
+    wide = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(wide, axis=-1)
+    target = jnp.take_along_axis(wide, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return lse - target, (x, embedding, logits, lse, targets)
+
+
+def _tied_cross_entropy_bwd(residuals, g):
+  x, embedding, logits, lse, targets = residuals
+  with jax.named_scope("cross_entropy"):
+    onehot = targets[..., None] == jnp.arange(logits.shape[-1])
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    dlogits = ((probs - onehot) * g[..., None]).astype(x.dtype)
+  with jax.named_scope("logits"):
+    dx = jnp.einsum("btv,vd->btd", dlogits, embedding, preferred_element_type=jnp.float32)
+    d_embedding = jnp.einsum("btv,btd->vd", dlogits, x, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), d_embedding.astype(embedding.dtype), None
+
+
+tied_cross_entropy.defvjp(_tied_cross_entropy_fwd, _tied_cross_entropy_bwd)
 
 
 def _run_block(block: Block, x, key, segment_ids, positions) -> jax.Array:

@@ -150,21 +150,22 @@ def maybe_initialize_distributed(coordinator_address=None, num_processes=None, p
 # ----------------------------------------------------------------------------- steps
 
 
-def forward(model: GPT, tokens: jax.Array, key: jax.Array, eot_token: int | None = None) -> jax.Array:
-  """Logits of tokens int [B, T]; with eot_token, each document of a row on its own
-  (`batches.document_segments`)."""
+def forward(
+    model: GPT, tokens: jax.Array, key: jax.Array, eot_token: int | None = None,
+    targets: jax.Array | None = None,
+) -> jax.Array:  # fmt: skip
+  """Logits of tokens int [B, T] (with targets, the cross-entropy of each position: `GPT`);
+  with eot_token, each document of a row on its own (`batches.document_segments`)."""
   rngs = nnx.Rngs(attention=key)
   if eot_token is None:
-    return model(tokens, rngs=rngs)
+    return model(tokens, rngs=rngs, targets=targets)
   segment_ids, positions = batches.document_segments(tokens, eot_token)
-  return model(tokens, segment_ids=segment_ids, positions=positions, rngs=rngs)
+  return model(tokens, segment_ids=segment_ids, positions=positions, rngs=rngs, targets=targets)
 
 
 def cross_entropy(model: GPT, windows: jax.Array, key: jax.Array, eot_token: int | None = None) -> jax.Array:
   """Mean next-token cross-entropy (nats) over windows int [B, T + 1]; eot_token as in `forward`."""
-  logits = forward(model, windows[:, :-1], key, eot_token)
-  with jax.named_scope("cross_entropy"):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+  return forward(model, windows[:, :-1], key, eot_token, targets=windows[:, 1:]).mean()
 
 
 @dataclasses.dataclass

@@ -8,10 +8,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from scfa_jax.model import GPT, PRESETS, GPTConfig, count_params, generate, preset, tied_logits
+from scfa_jax.model import GPT, PRESETS, GPTConfig, count_params, generate, preset, tied_cross_entropy, tied_logits
 
 TINY = GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32, num_buckets=4,
                  compute_dtype="float32", implementation="xla")  # fmt: skip
@@ -89,6 +90,45 @@ def test_tied_logits_backward_runs_its_products_in_the_compute_dtype():
   want_dx, want_dw = jax.vjp(lambda x, w: jnp.einsum("btd,vd->btv", x, w), x.astype(jnp.float32), w.astype(jnp.float32))[1](g)
   np.testing.assert_allclose(np.asarray(dx, np.float32), want_dx, rtol=3e-2, atol=3e-2)
   np.testing.assert_allclose(np.asarray(dw, np.float32), want_dw, rtol=3e-2, atol=3e-2)
+
+
+def _rounded_logits_loss(x, w, targets):
+  """The reference: logits rounded once to x's dtype, then float32 optax cross-entropy."""
+  logits = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), w.astype(jnp.float32)).astype(x.dtype)
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tied_cross_entropy_matches_optax_and_its_gradients(dtype):
+  kx, kw, kt, kg = jax.random.split(jax.random.key(0), 4)
+  x = (2 * jax.random.normal(kx, (2, 9, 16))).astype(dtype)
+  w = jax.random.normal(kw, (50, 16)).astype(dtype)
+  targets = jax.random.randint(kt, (2, 9), 0, 50)
+  g = jax.random.uniform(kg, (2, 9))
+  loss, vjp = jax.vjp(lambda x, w: tied_cross_entropy(x, w, targets), x, w)
+  want, want_vjp = jax.vjp(lambda x, w: _rounded_logits_loss(x, w, targets), x, w)
+  assert loss.dtype == jnp.float32 and loss.shape == (2, 9)
+  tol = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}[dtype]
+  np.testing.assert_allclose(loss, want, rtol=tol, atol=tol)
+  for got, expected in zip(vjp(g), want_vjp(g)):
+    assert got.dtype == dtype
+    got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
+    np.testing.assert_allclose(got, expected, rtol=3 * tol, atol=3 * tol)
+  dots = [e for e in jax.make_jaxpr(vjp)(g).eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 2 and all(v.aval.dtype == dtype for e in dots for v in e.invars)
+
+
+@pytest.mark.parametrize("compute_dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_gpt_with_targets_gives_the_cross_entropy_of_its_logits(compute_dtype, tol):
+  model = GPT(dataclasses.replace(TINY, compute_dtype=compute_dtype), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 61)
+  rngs = lambda: nnx.Rngs(attention=2)  # noqa: E731
+  logits = model(tokens[:, :-1], rngs=rngs())
+  want = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+  got = model(tokens[:, :-1], rngs=rngs(), targets=tokens[:, 1:])
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+  with pytest.raises(ValueError, match="targets must be int"):
+    model(tokens[:, :-1], rngs=rngs(), targets=tokens)
 
 
 def test_bf16_compute_keeps_float32_params_and_logits():
