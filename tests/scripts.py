@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -20,3 +22,11 @@ def run_script(name: str, *args: str, cwd: Path | None = None, fails: bool = Fal
   else:
     assert done.returncode == 0, f"{name} {args} failed:\n{done.stdout}\n{done.stderr}"
   return done
+
+
+def load_script(name: str) -> ModuleType:
+  """experiments/`name` imported as a module (its `main` not run), to test its functions."""
+  spec = importlib.util.spec_from_file_location(Path(name).stem, EXPERIMENTS / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -3,7 +3,6 @@ of them, and its cases against the dense masked reference (XLA here; the timings
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import jax
@@ -11,17 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.scripts import EXPERIMENTS
+from tests.scripts import load_script
 
-
-def _bench():
-  spec = importlib.util.spec_from_file_location("bench_attention", EXPERIMENTS / "bench_attention.py")
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
-  return bench
-
-
-bench = _bench()
+bench = load_script("bench_attention.py")
 
 
 @pytest.mark.parametrize("t, doc_min, doc_max", [(512, 512, 8192), (32768, 512, 8192), (4000, 7, 300)])

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests.scripts import EXPERIMENTS, run_script
+from tests.scripts import load_script, run_script
 
-
-def _bench():
-  spec = importlib.util.spec_from_file_location("bench_model", EXPERIMENTS / "bench_model.py")
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
-  return bench
-
-
-bench = _bench()
+bench = load_script("bench_model.py")
 TOKENS = np.random.default_rng(0).integers(0, 257, size=4096, dtype=np.uint16)
 
 

@@ -454,13 +454,9 @@ def test_gpu_plan_kernel_pairs_each_query_head_with_its_kv_head(strict):
 def test_bench_attention_builds_grouped_query_cases():
   """experiments/bench_attention.py --kv_heads: its cases give key masks of K heads, and run
   (here on the XLA backend; the timings themselves need a GPU)."""
-  import importlib.util  # noqa: PLC0415
+  from tests.scripts import load_script  # noqa: PLC0415
 
-  from tests.scripts import EXPERIMENTS  # noqa: PLC0415
-
-  spec = importlib.util.spec_from_file_location("bench_attention", EXPERIMENTS / "bench_attention.py")
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = load_script("bench_attention.py")
   q, k, v = _qkv(jax.random.PRNGKey(0), 1, 16, 16, 6, 2)
   fn, q_masks, k_masks, _ = bench.make_case("drop30", 1, 16, 6, seed=0, kv_heads=2)
   assert q_masks.shape == (1, 16, 6) and k_masks.shape == (1, 16, 2)
