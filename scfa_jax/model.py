@@ -191,6 +191,8 @@ class GPT(nnx.Module):
     if targets is not None and getattr(targets, "shape", None) != tokens.shape:
       shape = getattr(targets, "shape", None)
       raise ValueError(f"targets must be int [B, T] = {tokens.shape}, got targets.shape={shape}")
+    if targets is not None and not jnp.issubdtype(targets.dtype, jnp.integer):
+      raise TypeError(f"targets must hold integer token ids, got targets.dtype={targets.dtype}")
     x = self._embed(tokens, jnp.arange(t) if positions is None else positions)
     run_block = nnx.remat(_run_block) if self.config.remat else _run_block
     # Keys drawn out here, one per layer, so that remat never mutates the Rngs.

@@ -129,6 +129,8 @@ def test_gpt_with_targets_gives_the_cross_entropy_of_its_logits(compute_dtype, t
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
   with pytest.raises(ValueError, match="targets must be int"):
     model(tokens[:, :-1], rngs=rngs(), targets=tokens)
+  with pytest.raises(TypeError, match="targets must hold integer"):
+    model(tokens[:, :-1], rngs=rngs(), targets=tokens[:, 1:].astype(jnp.float32))
 
 
 def test_bf16_compute_keeps_float32_params_and_logits():
