@@ -12,8 +12,8 @@ CONFIGS = {
     # Many small steps learn fastest on 2 cores: 2600 steps of 8 x 128 bytes (2.7M bytes).
     # Byte-level models lean on the previous few bytes, which a query keeps only when they
     # share its bucket: with 2 buckets (64 keys per query on average) and 8 heads, each with
-    # its own draw, hash attention ended ahead: 1.658 nats per byte against dense's 1.704
-    # (2.8% higher; dense was 1.6% ahead on an earlier build of the corpus); with 4 heads hash
+    # its own draw, hash attention ended ahead: 1.672 nats per byte against dense's 1.685
+    # (0.8% higher; dense was 1.6% ahead on an earlier build of the corpus); with 4 heads hash
     # was 4% behind, with 4 buckets (32 keys) 10% behind (docs/performance.md, "The CPU demo").
     "stdlib_demo": TrainConfig(
         model=preset("cpu_small", block_size=128, n_head=8, attention="hash", num_buckets=2),
