@@ -53,7 +53,7 @@ def _kernel():
     offs = tl.arange(0, BLOCK)
     block = tl.load(x_ptr + offs[:, None] * BLOCK + offs[None, :])
     desc = tl.make_tensor_descriptor(
-      y_ptr, shape=[BLOCK, BLOCK], strides=[BLOCK, 1], block_shape=[BLOCK, BLOCK]
+        y_ptr, shape=[BLOCK, BLOCK], strides=[BLOCK, 1], block_shape=[BLOCK, BLOCK]
     )
     desc.atomic_add([0, 0], block * (tl.program_id(0) + 1))
 

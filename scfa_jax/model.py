@@ -281,9 +281,14 @@ def _tied_logits_fwd(x, embedding):
 
 def _tied_logits_bwd(residuals, g):
   x, embedding = residuals
-  g = g.astype(x.dtype)
-  dx = jnp.einsum("btv,vd->btd", g, embedding, preferred_element_type=jnp.float32)
-  d_embedding = jnp.einsum("btv,btd->vd", g, x, preferred_element_type=jnp.float32)
+  return _tied_products_vjp(g.astype(x.dtype), x, embedding)
+
+
+def _tied_products_vjp(dlogits, x, embedding):
+  """(dx, d_embedding) of logits = x @ embedding.T for dlogits in the compute dtype: two
+  products of compute-dtype operands that accumulate in float32."""
+  dx = jnp.einsum("btv,vd->btd", dlogits, embedding, preferred_element_type=jnp.float32)
+  d_embedding = jnp.einsum("btv,btd->vd", dlogits, x, preferred_element_type=jnp.float32)
   return dx.astype(x.dtype), d_embedding.astype(embedding.dtype)
 
 
@@ -322,9 +327,7 @@ def _tied_cross_entropy_bwd(residuals, g):
     probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
     dlogits = ((probs - onehot) * g[..., None]).astype(x.dtype)
   with jax.named_scope("logits"):
-    dx = jnp.einsum("btv,vd->btd", dlogits, embedding, preferred_element_type=jnp.float32)
-    d_embedding = jnp.einsum("btv,btd->vd", dlogits, x, preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), d_embedding.astype(embedding.dtype), None
+    return (*_tied_products_vjp(dlogits, x, embedding), None)
 
 
 tied_cross_entropy.defvjp(_tied_cross_entropy_fwd, _tied_cross_entropy_bwd)
