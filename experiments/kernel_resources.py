@@ -87,7 +87,7 @@ def kernel_rows(spec: str, head_dim: int, hashed: bool, maxnreg: dict | None = N
   with 48 query heads and `kv_heads` kv heads."""
   from scfa_jax.kernels import attention  # noqa: PLC0415
 
-  tiles = variant(spec)(head_dim, hashed)
+  tiles = variant(spec)(head_dim, hashed, kv_heads < 48)
   base = dict(
       QK_SCALE=0.18,  # about 0.125 * log2(e); its value does not change the resources
       N=48, K=kv_heads, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False, PRECISION="tf32", ALIGNED=True,

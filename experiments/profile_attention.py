@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when r
 from experiments.bench_attention import CASES, make_case, timings, versions  # noqa: E402
 from scfa_jax import core, sorting, triton_backend  # noqa: E402
 
-BASES = {
-    "table": lambda h, hashed: triton_backend.kernel_config("triton", h, hashed),
-    "qk_table": lambda h, hashed: triton_backend.kernel_config("triton", h, False),
-    "hash_table": lambda h, hashed: triton_backend.kernel_config("triton", h, True),
+BASES = {  # (head dim, hashed, grouped) -> KernelConfig
+    "table": lambda h, hashed, grouped=False: triton_backend.kernel_config("triton", h, hashed, grouped),
+    "qk_table": lambda h, hashed, grouped=False: triton_backend.kernel_config("triton", h, False, grouped),
+    "hash_table": lambda h, hashed, grouped=False: triton_backend.kernel_config("triton", h, True, grouped),
 }
 
 
@@ -50,7 +50,7 @@ def variant(spec: str):
   if base not in BASES or not set(fields) <= set(kinds):
     raise ValueError(f"variant {spec!r}: base must be one of {list(BASES)}, fields among {list(kinds)}")
   fields = {name: bool(value) if kinds[name] in (bool, "bool") else value for name, value in fields.items()}
-  return lambda h, hashed: dataclasses.replace(BASES[base](h, hashed), **fields)
+  return lambda h, hashed, grouped=False: dataclasses.replace(BASES[base](h, hashed, grouped), **fields)
 
 
 def stage(kernel_name: str) -> str:

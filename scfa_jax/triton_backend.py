@@ -127,11 +127,25 @@ _INTERPRET_CONFIGS = {
 }
 
 
-def kernel_config(implementation: str, head_dim: int, hashed: bool) -> KernelConfig:
-  """The tile table's entry: per head dim on GPUs, and per mode (hashed or not)."""
+# Grouped-query QK mode: the dK/dV program's loop over its group's query heads keeps more
+# values live, and the tables' QK dK/dV tiles then spill at H=64 (32x128: 255 registers and
+# 280 bytes of stack per thread against 8 without groups, 48 query heads on 8 kv heads) and
+# H=128 (32x64: 24 bytes). Smaller tiles fit: 32x64 at H=64 (185 registers), 16x64 at H=128
+# (239), as experiments/kernel_resources.py --kv_heads=8 builds them. With the spilling tile,
+# grouped all-kept and drop-50 backwards at T=16384 took 1.40x and 1.37x the time of the same
+# calls without groups (results/bench_attention_gqa8_h100.json).
+_GROUPED_QK_DKDV = {64: dict(block_n1=64), 128: dict(block_m1=16)}
+
+
+def kernel_config(implementation: str, head_dim: int, hashed: bool, grouped: bool = False) -> KernelConfig:
+  """The tile table's entry: per head dim on GPUs, per mode (hashed or not), and for QK mode
+  whether k and v have fewer heads than q (grouped)."""
   if implementation == "interpret":
     return _INTERPRET_CONFIGS[hashed]
-  return _GPU_CONFIGS[head_dim, hashed]
+  tiles = _GPU_CONFIGS[head_dim, hashed]
+  if grouped and not hashed and head_dim in _GROUPED_QK_DKDV:
+    tiles = dataclasses.replace(tiles, **_GROUPED_QK_DKDV[head_dim])
+  return tiles
 
 
 def _kernels(module: str = "attention"):
@@ -312,7 +326,8 @@ class _Call:
 
 
 def _tiles(config, head_dim: int, tokens: SortedTokens) -> KernelConfig:
-  return config.kernel or kernel_config(config.implementation, head_dim, tokens.hashed)
+  grouped = tokens.k_perm.shape[1] < tokens.q_perm.shape[1]  # K < N kv heads
+  return config.kernel or kernel_config(config.implementation, head_dim, tokens.hashed, grouped)
 
 
 def _hashes(tokens: SortedTokens) -> tuple[jax.Array, jax.Array]:

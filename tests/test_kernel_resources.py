@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "kernel_resources.py"
 
 OCCUPANCY = [  # registers, shared bytes, warps per program; programs per SM
@@ -58,3 +60,17 @@ def test_every_switch_takes_both_values_in_the_tile_table():
   assert switches == ["one_loop", "skip_empty_tiles", "prefetch_rows"]
   for name in switches:
     assert {getattr(entry, name) for entry in entries} == {False, True}, name
+
+
+def test_grouped_qk_dkdv_tiles_do_not_spill():
+  """Grouped-query QK mode takes its own dK/dV tile where the table's spills registers to the
+  stack (the loop over a group's query heads keeps more values live): its sm_90 build has
+  no stack. Builds with the ptxas that Triton ships; no GPU."""
+  pytest.importorskip("triton")
+  from tests.scripts import load_script  # noqa: PLC0415
+
+  script = load_script("kernel_resources.py")
+  for head_dim in (64, 128):
+    rows = script.kernel_rows("table", head_dim, hashed=False, kv_heads=8)
+    dkdv = next(r for r in rows if r["kernel"] == "dkdv")
+    assert dkdv["stack"] == 0, (head_dim, dkdv)
