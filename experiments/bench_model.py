@@ -11,9 +11,10 @@ params, data sampling included) after warm-up, for each case T x batch and mode:
   hash8/16/32     hash-sparse attention with that many buckets
   hash16_plain    hash-16 with the paper's LSH of raw queries (center_hash=False)
   drop30/50/70    QK-dropping at that rate
-  no_attention    the same model with the attention core replaced by out = v (projections,
-                  LSH-free): the step that attention costing nothing would leave, whose
-                  speed-up over dense is the ceiling of any attention mode (Amdahl)
+  no_attention    the same model with the attention core replaced by out = q + k + v (free,
+                  but it reads its inputs, so the projections and rotary positions that feed
+                  it stay; LSH-free): the step that attention costing nothing would leave,
+                  whose speed-up over dense is the ceiling of any attention mode (Amdahl)
   plain_dense     the same architecture and step written in plain JAX (no Flax, no
                   library code): the bar for the dense model's own overhead
 
@@ -79,7 +80,7 @@ from scfa_jax.nn import SparseCausalSelfAttention  # noqa: E402
 
 MODES = {
     **ATTENTION_MODES,
-    "no_attention": {"attention": "dense"},  # its layers' core is swapped for out = v (_IdentityCore)
+    "no_attention": {"attention": "dense"},  # its layers' core is swapped for out = q + k + v (_FreeCore)
     "plain_dense": {"attention": "dense"},  # the architecture, not this model (_PlainDenseStep)
 }
 
@@ -107,11 +108,14 @@ def versions() -> dict:
 # ----------------------------------------------------------------------------- the steps
 
 
-class _IdentityCore(SparseCausalSelfAttention):
-  """The layer with its attention core replaced by out = v (the no_attention baseline)."""
+class _FreeCore(SparseCausalSelfAttention):
+  """The layer with its attention core replaced by out = q + k + v (the no_attention
+  baseline): a core that costs nothing but reads q, k and v. With out = v, XLA removed the
+  query projection (forward and backward) and the rotary positions as dead code, and the
+  ceiling was that of a model without them."""
 
   def _dense(self, q, k, v, segment_ids=None):
-    return v
+    return q + k + v
 
 
 def _memory_gib(compiled) -> float | None:
@@ -137,7 +141,7 @@ class _TrainerStep:
     if mode == "no_attention":
       model = GPT(model_config, rngs=nnx.Rngs(params=config.seed))
       for block in model.blocks:
-        block.attn.__class__ = _IdentityCore
+        block.attn.__class__ = _FreeCore
     self.trainer = train.Trainer.create(config, model=model)
     self.tokens = tokens
     self.param_count = count_params(self.trainer.model())

@@ -14,17 +14,30 @@ bench = load_script("bench_model.py")
 TOKENS = np.random.default_rng(0).integers(0, 257, size=4096, dtype=np.uint16)
 
 
-def test_no_attention_layers_return_v_projected():
-  """The ceiling's layers must skip attention whatever path the layer's call takes."""
-  def layer(mode):
-    step = bench.make_step(mode, 32, 2, 10, TOKENS, remat=False, preset_name="cpu_tiny", positions="rope")
-    return step.trainer.model().blocks[0].attn
+def _step(mode):
+  return bench.make_step(mode, 32, 2, 10, TOKENS, remat=False, preset_name="cpu_tiny", positions="rope")
 
-  attn = layer("no_attention")
+
+def test_no_attention_layers_skip_attention_and_read_q_k_v():
+  """The ceiling's layers must skip attention whatever path the layer's call takes."""
+  attn = _step("no_attention").trainer.model().blocks[0].attn
   x = jax.random.normal(jax.random.key(0), (2, 32, attn.wq.shape[0]))
-  _, _, v = attn._project(x, jnp.arange(32))
-  np.testing.assert_array_equal(attn(x), attn._out(v))
-  assert not np.allclose(layer("dense")(x), attn._out(v), atol=1e-3)
+  q, k, v = attn._project(x, jnp.arange(32))
+  np.testing.assert_array_equal(attn(x), attn._out(q + k + v))
+  dense = _step("dense").trainer.model().blocks[0].attn
+  assert not np.allclose(dense(x), attn._out(q + k + v), atol=1e-3)
+
+
+def test_no_attention_step_keeps_the_query_projection():
+  """A free attention core still needs its inputs: the compiled no-attention step does every
+  matmul of the q/k/v projections that the dense step does (with out = v, XLA dropped the
+  query projection, forward and backward, as dead code)."""
+
+  def projection_dots(mode):
+    hlo = _step(mode).compiled().as_text()
+    return sum(" dot(" in line and "qkv_projection" in line for line in hlo.splitlines())
+
+  assert projection_dots("no_attention") == projection_dots("dense") > 0
 
 
 def test_smoke_run_writes_rows_with_ratios(tmp_path):
