@@ -134,8 +134,8 @@ _INTERPRET_CONFIGS = {
 # (239), as experiments/kernel_resources.py --kv_heads=8 builds them. Backward ms at T=16384,
 # B=4, 48 query heads on 8 kv heads, H100: all kept 69.2 -> 60.1, drop-50 18.8 -> 15.6
 # (results/bench_attention_gqa8_spilling_h100.json -> bench_attention_gqa8_h100.json; without
-# groups, in the latter's run: 50.2 and 13.9, results/bench_attention_16k_h100.json). H=128's
-# grouped tile is not timed.
+# groups, measured right after the latter on the same machine: 50.2 and 13.9,
+# results/bench_attention_16k_h100.json). H=128's grouped tile is not timed.
 _GROUPED_QK_DKDV = {64: dict(block_n1=64), 128: dict(block_m1=16)}
 
 

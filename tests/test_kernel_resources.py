@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import run_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "kernel_resources.py"
 
 OCCUPANCY = [  # registers, shared bytes, warps per program; programs per SM
@@ -69,8 +71,6 @@ def test_grouped_qk_dkdv_tiles_do_not_spill():
   that had run interpreter tests, an in-process build failed inside Triton's interpreter
   builder. No GPU."""
   pytest.importorskip("triton")
-  from tests.scripts import run_script  # noqa: PLC0415
-
   done = run_script("kernel_resources.py", "--kv_heads=8", "--head_dims=64,128")
   stacks = {}
   for line in done.stdout.splitlines():
