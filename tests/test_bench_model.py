@@ -52,3 +52,17 @@ def test_smoke_run_writes_rows_with_ratios(tmp_path):
   assert rows["hash16"]["buckets"]["pair_share"] > 0
   for row in rows.values():
     assert row["step_ms"] > 0 and np.isfinite(row["losses"]).all()
+
+
+def test_bench_cross_entropy_times_both_losses_and_they_agree(tmp_path):
+  """experiments/bench_cross_entropy.py on a tiny shape: both losses timed and equal to bf16
+  rounding of the logits (the timings themselves need a GPU)."""
+  out = tmp_path / "ce.json"
+  run_script(
+      "bench_cross_entropy.py", "--batch=1", "--seq_len=16", "--width=32", "--vocab_size=64", f"--out={out}"
+  )  # fmt: skip
+  result = json.loads(out.read_text())
+  old, fused = result["f32_logits_optax"], result["tied_cross_entropy"]
+  assert old["ms"] > 0 and fused["ms"] > 0
+  np.testing.assert_allclose(fused["loss"], old["loss"], rtol=1e-2)
+  assert result["versions"]["commit"]

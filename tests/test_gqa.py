@@ -478,3 +478,20 @@ def test_grouped_query_with_segment_ids(bucket_dtype):
       functools.partial(scfa_jax.hash_sparse_attention, **kw, implementation="xla"),
       functools.partial(reference.hash_sparse_attention, **kw), (q, k, v), jnp.float32, key,
   )  # fmt: skip
+
+
+@pytest.mark.parametrize("kv_heads, hashed, block_n1", [(2, False, 64), (6, False, 128), (2, True, 64)])
+def test_launcher_takes_the_grouped_qk_dkdv_tile(kv_heads, hashed, block_n1):
+  """The Triton launcher reads grouping off the sorted tokens (K < N kv heads) and gives
+  grouped QK calls the table's grouped dK/dV tile; hash mode and K = N keep the table's."""
+  from scfa_jax import core, sorting, triton_backend  # noqa: PLC0415
+
+  b, t, n = 1, 64, 6
+  if hashed:
+    tokens = sorting.by_bucket(jnp.zeros((b, t, n), jnp.uint8), jnp.zeros((b, t, kv_heads), jnp.uint8))
+  else:
+    tokens = sorting.by_keep_mask(jnp.ones((b, t, n), bool), jnp.ones((b, t, kv_heads), bool))
+  config = core.AttentionConfig(implementation="triton", strict=False, scale=0.125)
+  tiles = triton_backend._tiles(config, 64, tokens)
+  assert tiles.block_n1 == block_n1
+  assert tiles.block_m == triton_backend.kernel_config("triton", 64, hashed).block_m  # only dK/dV changes
