@@ -45,17 +45,16 @@ def variant(spec: str):
   """A tile config per (head dim, hashed) from `base` or `base+field=value+...`, e.g.
   `hash_table+num_stages=2+prefetch_rows=0`: a table entry with KernelConfig fields replaced."""
   base, *overrides = spec.split("+")
-  fields = dict(o.split("=") for o in overrides)
+  fields = {name: int(value) for name, value in (o.split("=") for o in overrides)}
   kinds = {f.name: f.type for f in dataclasses.fields(triton_backend.KernelConfig)}
   if base not in BASES or not set(fields) <= set(kinds):
     raise ValueError(f"variant {spec!r}: base must be one of {list(BASES)}, fields among {list(kinds)}")
-  parse = {bool: lambda x: bool(int(x)), "bool": lambda x: bool(int(x)), str: str, "str": str}
-  fields = {name: parse.get(kinds[name], int)(value) for name, value in fields.items()}
+  fields = {name: bool(value) if kinds[name] in (bool, "bool") else value for name, value in fields.items()}
   return lambda h, hashed, grouped=False: dataclasses.replace(BASES[base](h, hashed, grouped), **fields)
 
 
 def stage(kernel_name: str) -> str:
-  for name in ("scfa_fwd", "scfa_bwd_dq_store", "scfa_bwd_dq", "scfa_bwd_dkdv", "scfa_bwd_fused", "scfa_plan"):
+  for name in ("scfa_fwd", "scfa_bwd_dq", "scfa_bwd_dkdv", "scfa_plan"):
     if name in kernel_name:
       return name
   if any(word in kernel_name.lower() for word in ("sort", "radix", "cub::")):
@@ -121,7 +120,7 @@ def timeline(fn, *args) -> dict:
   end = max(e["ts"] + e["dur"] for e in kernels)
   events = [e for e in events if e["ts"] <= end]  # not the profiler's own calls at its exit
   start = events[0]["ts"]
-  attention = ("scfa_fwd", "scfa_bwd_dq", "scfa_bwd_dkdv", "scfa_bwd_fused")
+  attention = ("scfa_fwd", "scfa_bwd_dq", "scfa_bwd_dkdv")
   first_scfa = min((e["ts"] for e in kernels if stage(e["name"]) in attention), default=end)
   return dict(
       prefix_us=first_scfa - kernels[0]["ts"],

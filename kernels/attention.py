@@ -283,14 +283,11 @@ def scfa_fwd(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, k_idx, k_hash,
-    q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, dq_ptr, b, n, T, LQ, lo, hi, full_lo,
-    full_hi, QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
+    q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, b, n, T, LQ, lo, hi, full_lo, full_hi,
+    QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
     WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr, PREFETCH: tl.constexpr,
-    DQ_REDUCE: tl.constexpr,
 ):  # fmt: skip
-  if DQ_REDUCE == "tma":  # this head's float32 dQ rows in sorted order; TMA clips rows past LQ
-    dq_desc = tl.make_tensor_descriptor(dq_ptr, shape=[LQ, H], strides=[H, 1], block_shape=[BLOCK_M, H])
   q_offset, q_valid = _tile_rows(q_perm_ptr, lo, LQ, b, n, T, BLOCK_M, N, H, WIDE)
   for i in range(lo, hi):
     slot = i * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -311,14 +308,8 @@ def _dkdv_tiles(
     )  # fmt: skip
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-    dk += tl.dot(ds_t, q, input_precision=PRECISION)
-    if DQ_REDUCE == "atomic":  # into float32 rows in q's layout, through the permutation
-      dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
-      rows = dq_ptr + q_offset[:, None] + tl.arange(0, H)[None, :]
-      tl.atomic_add(rows, dq, mask=q_valid[:, None], sem="relaxed")
-    elif DQ_REDUCE == "tma":
-      dq_desc.atomic_add([i * BLOCK_M, 0], tl.dot(tl.trans(ds_t), k, input_precision=PRECISION))
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     q_offset, q_valid = next_offset, next_valid
   return dk, dv
 
@@ -326,82 +317,25 @@ def _dkdv_tiles(
 @triton.jit
 def _dkdv_head(
     dk, dv, k, v, k_idx, k_hash, bh, tile,
-    q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr,
     start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, LQ,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
     HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, ONE_LOOP: tl.constexpr, PREFETCH: tl.constexpr, DQ_REDUCE: tl.constexpr,
+    WIDE: tl.constexpr, ONE_LOOP: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
   """dK and dV of a key tile plus what the queries of query head bh (b * N + n) add to them:
-  the query-tile range at `tile` of the plan's key view. With DQ_REDUCE, also adds this key
-  tile's share of those queries' dQ (unscaled) into dq_ptr: "atomic", float32 [B, T, N, H]
-  through the permutation; "tma", float32 [B, N, LQ, H] in sorted order."""
-  if DQ_REDUCE == "tma":
-    if WIDE:
-      dq_ptr += bh.to(tl.int64) * LQ * H
-    else:
-      dq_ptr += bh * LQ * H
+  the query-tile range at `tile` of the plan's key view."""
   for part in tl.static_range(3 - 2 * ONE_LOOP):
     lo, hi, full_lo, full_hi = _parts(start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, tile, part, ONE_LOOP)
     if lo < hi:
       dk, dv = _dkdv_tiles(
           dk, dv, k, v, k_idx, k_hash,
           q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
-          delta_ptr + bh * LQ, dq_ptr, bh // N, bh % N, T, LQ,
+          delta_ptr + bh * LQ, bh // N, bh % N, T, LQ,
           lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-          part != 1, ONE_LOOP, PREFETCH, DQ_REDUCE,
+          part != 1, ONE_LOOP, PREFETCH,
       )  # fmt: skip
   return dk, dv
-
-
-@triton.jit
-def _dkdv_program(
-    q_ptr, k_ptr, v_ptr, do_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
-    lse_ptr, delta_ptr, start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, S, LQ, LK,
-    dk_ptr, dv_ptr, dq_ptr,
-    SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr, DQ_REDUCE: tl.constexpr,
-):  # fmt: skip
-  GROUP: tl.constexpr = N // K
-  LQ = _multiple_of_16(LQ, ALIGNED)
-  LK = _multiple_of_16(LK, ALIGNED)
-  pid_n = tl.program_id(0)
-  kv_bh = tl.program_id(1)
-  b = kv_bh // K
-  slot = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-  in_bounds = slot < LK
-  k_offset, k_valid = _row_offsets(k_perm_ptr + kv_bh * LK, slot, in_bounds, b, kv_bh % K, S, K, H, WIDE)
-  num_tiles = tl.num_programs(0)
-  first_tile = kv_bh * GROUP * num_tiles + pid_n  # the plan's tile of the group's first query head
-  k_read = _rows_to_read(k_valid, start_m_ptr, end_m_ptr, first_tile, num_tiles, GROUP, SKIP_EMPTY)
-  k = _load_rows(k_ptr, k_offset, k_read, H)
-  v = _load_rows(v_ptr, k_offset, k_read, H)
-  k_idx, k_hash = _token_keys(k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK, slot, in_bounds, K_PAD, HASHED)
-
-  dk = tl.zeros([BLOCK_N, H], tl.float32)
-  dv = tl.zeros([BLOCK_N, H], tl.float32)
-  head = (
-      q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, dq_ptr,
-      start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, LQ,
-  )  # fmt: skip
-  if GROUP == 1:  # no loop around the tile loops: the kernel without groups, as tuned
-    dk, dv = _dkdv_head(
-        dk, dv, k, v, k_idx, k_hash, kv_bh, first_tile, *head,
-        QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, ONE_LOOP, PREFETCH, DQ_REDUCE,
-    )  # fmt: skip
-  else:
-    for g in range(GROUP):
-      dk, dv = _dkdv_head(
-          dk, dv, k, v, k_idx, k_hash, kv_bh * GROUP + g, first_tile + g * num_tiles, *head,
-          QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, ONE_LOOP, PREFETCH, DQ_REDUCE,
-      )  # fmt: skip
-
-  offsets = k_offset[:, None] + tl.arange(0, H)[None, :]
-  tl.store(dk_ptr + offsets, (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=k_valid[:, None])
-  tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=k_valid[:, None])
 
 
 @triton.jit
@@ -423,59 +357,43 @@ def scfa_bwd_dkdv(
   summed in a fixed order (deterministic). delta = rowsum(dO * O) per sorted query slot,
   [B, N, LQ], as `scfa_bwd_dq` stores it.
   """
-  _dkdv_program(
-      q_ptr, k_ptr, v_ptr, do_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
-      lse_ptr, delta_ptr, start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, S, LQ, LK,
-      dk_ptr, dv_ptr, dk_ptr, SM_SCALE, QK_SCALE, N, K, H, BLOCK_M, BLOCK_N, HASHED, STRICT, CHECK_PADS,
-      PRECISION, ONE_LOOP, ALIGNED, WIDE, SKIP_EMPTY, PREFETCH, "",
-  )  # fmt: skip
-
-
-@triton.jit
-def scfa_bwd_fused(
-    q_ptr, k_ptr, v_ptr, do_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
-    lse_ptr, delta_ptr, start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, S, LQ, LK,
-    dk_ptr, dv_ptr, dq_ptr,
-    SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr, DQ_REDUCE: tl.constexpr,
-):  # fmt: skip
-  """`scfa_bwd_dkdv` that also reduces dQ (FlashAttention-3's backward: 5 matrix products per
-  tile pair, not the split backward's 7). Each step adds its query tile's share of dQ, unscaled,
-  to the zeroed float32 dq_ptr: DQ_REDUCE "atomic" through the permutation into [B, T, N, H],
-  "tma" as one TMA reduce-add into sorted [B, N, LQ, H] rows (for `scfa_bwd_dq_store`). The
-  order of the additions varies from run to run: the result is not bitwise deterministic.
-  delta [B, N, LQ] comes from the host."""
-  _dkdv_program(
-      q_ptr, k_ptr, v_ptr, do_ptr, q_perm_ptr, k_perm_ptr, q_idx_ptr, k_idx_ptr, q_hash_ptr, k_hash_ptr,
-      lse_ptr, delta_ptr, start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, S, LQ, LK,
-      dk_ptr, dv_ptr, dq_ptr, SM_SCALE, QK_SCALE, N, K, H, BLOCK_M, BLOCK_N, HASHED, STRICT, CHECK_PADS,
-      PRECISION, ONE_LOOP, ALIGNED, WIDE, SKIP_EMPTY, PREFETCH, DQ_REDUCE,
-  )  # fmt: skip
-
-
-@triton.jit
-def scfa_bwd_dq_store(
-    dq_acc_ptr, q_perm_ptr, T, LQ, dq_ptr,
-    SM_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):  # fmt: skip
-  """One program per (slot tile, batch * query head): dQ rows from the sorted float32 sums of
-  `scfa_bwd_fused` (DQ_REDUCE "tma"), scaled, in dq's dtype at their original rows."""
+  GROUP: tl.constexpr = N // K
   LQ = _multiple_of_16(LQ, ALIGNED)
-  bh = tl.program_id(1)
-  slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-  in_bounds = slot < LQ
-  offset, valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, bh // N, bh % N, T, N, H, WIDE)
-  if WIDE:
-    acc_rows = (bh.to(tl.int64) * LQ + slot) * H
+  LK = _multiple_of_16(LK, ALIGNED)
+  pid_n = tl.program_id(0)
+  kv_bh = tl.program_id(1)
+  b = kv_bh // K
+  slot = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+  in_bounds = slot < LK
+  k_offset, k_valid = _row_offsets(k_perm_ptr + kv_bh * LK, slot, in_bounds, b, kv_bh % K, S, K, H, WIDE)
+  num_tiles = tl.num_programs(0)
+  first_tile = kv_bh * GROUP * num_tiles + pid_n  # the plan's tile of the group's first query head
+  k_read = _rows_to_read(k_valid, start_m_ptr, end_m_ptr, first_tile, num_tiles, GROUP, SKIP_EMPTY)
+  k = _load_rows(k_ptr, k_offset, k_read, H)
+  v = _load_rows(v_ptr, k_offset, k_read, H)
+  k_idx, k_hash = _token_keys(k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK, slot, in_bounds, K_PAD, HASHED)
+
+  dk = tl.zeros([BLOCK_N, H], tl.float32)
+  dv = tl.zeros([BLOCK_N, H], tl.float32)
+  head = (
+      q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr,
+      start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, LQ,
+  )  # fmt: skip
+  if GROUP == 1:  # no loop around the tile loops: the kernel without groups, as tuned
+    dk, dv = _dkdv_head(
+        dk, dv, k, v, k_idx, k_hash, kv_bh, first_tile, *head,
+        QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, ONE_LOOP, PREFETCH,
+    )  # fmt: skip
   else:
-    acc_rows = (bh * LQ + slot) * H
-  dq = tl.load(dq_acc_ptr + acc_rows[:, None] + tl.arange(0, H)[None, :], mask=valid[:, None], other=0.0)
-  tl.store(dq_ptr + offset[:, None] + tl.arange(0, H)[None, :], (dq * SM_SCALE).to(dq_ptr.dtype.element_ty),
-           mask=valid[:, None])  # fmt: skip
+    for g in range(GROUP):
+      dk, dv = _dkdv_head(
+          dk, dv, k, v, k_idx, k_hash, kv_bh * GROUP + g, first_tile + g * num_tiles, *head,
+          QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, ONE_LOOP, PREFETCH,
+      )  # fmt: skip
+
+  offsets = k_offset[:, None] + tl.arange(0, H)[None, :]
+  tl.store(dk_ptr + offsets, (dk * SM_SCALE).to(dk_ptr.dtype.element_ty), mask=k_valid[:, None])
+  tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=k_valid[:, None])
 
 
 @triton.jit

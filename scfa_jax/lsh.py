@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -57,7 +55,7 @@ def causal_center(x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Arr
 def _earlier_mean(values: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
   """The mean of values [B, T, ...] over the earlier positions of the same run of segment ids
   (all positions when None); 0 at the first position of a run."""
-  earlier = _running_sum(values) - values
+  earlier = jnp.cumsum(values, axis=1) - values
   position = jnp.arange(values.shape[1], dtype=jnp.int32)[None]
   if segment_ids is not None:
     if getattr(segment_ids, "shape", None) != values.shape[:2]:
@@ -70,23 +68,6 @@ def _earlier_mean(values: jax.Array, segment_ids: jax.Array | None) -> jax.Array
     earlier -= jnp.take_along_axis(earlier, run_start[..., None, None], axis=1)
     position = position - run_start
   return earlier / jnp.maximum(position.astype(jnp.float32), 1.0)[..., None, None]
-
-
-def _running_sum(values: jax.Array, block: int = 128) -> jax.Array:
-  """jnp.cumsum(values, axis=1) of float32 values [B, T, ...], as a product with a [block, block]
-  lower-triangular matrix within blocks of positions plus a cumsum over the T / block block
-  totals. XLA runs jnp.cumsum on GPUs as an associative scan of about 2 log2(T) passes over
-  the array; this takes one matrix product and a scan of a 1/block-sized array."""
-  b, t = values.shape[:2]
-  if t <= block:
-    return jnp.cumsum(values, axis=1)
-  pad = -t % block
-  blocks = jnp.pad(values, [(0, 0), (0, pad)] + [(0, 0)] * (values.ndim - 2))
-  blocks = blocks.reshape(b, -1, block, math.prod(values.shape[2:]))
-  lower = jnp.tril(jnp.ones((block, block), values.dtype))
-  within = jnp.einsum("ij,bcjf->bcif", lower, blocks, precision=jax.lax.Precision.HIGHEST)
-  before = jnp.cumsum(within[:, :, -1], axis=1) - within[:, :, -1]  # the sum of the blocks before
-  return (within + before[:, :, None]).reshape(b, t + pad, *values.shape[2:])[:, :t]
 
 
 def unit_vectors(x: jax.Array) -> jax.Array:

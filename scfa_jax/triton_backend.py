@@ -31,7 +31,6 @@ from scfa_jax.sorting import SortedTokens
 
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (16, 32, 64, 128)
-DQ_REDUCTIONS = ("split", "atomic", "tma")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,17 +55,6 @@ class KernelConfig:
   # the gathered rows' copies num_stages - 1 tiles ahead; False: read in the same step, which
   # leaves no copy in flight across a step (Nsight Compute, results/ncu_h200_16k_hash64_source.json).
   prefetch_rows: bool = True
-  # How the backward gets dQ: "split", its own kernel (one program per query tile, which
-  # recomputes the scores and dO V^T: 7 matrix products per tile pair; deterministic);
-  # "atomic" or "tma", reduced from the dK/dV kernel (5 products) by float32 atomic adds
-  # through the permutation, or by TMA reduce-adds into sorted rows and a store kernel
-  # (jax-triton >= 0.4: the descriptors live in Triton's global scratch). Their sums'
-  # order varies between runs.
-  dq_reduce: str = "split"
-
-  def __post_init__(self):
-    if self.dq_reduce not in DQ_REDUCTIONS:
-      raise ValueError(f"dq_reduce must be one of {DQ_REDUCTIONS}, got {self.dq_reduce!r}")
 
   @property
   def kernel_tiles(self) -> dict[str, tuple[tuple[int, int], str]]:
@@ -298,16 +286,16 @@ def check_supported(implementation: str, q: jax.Array) -> None:
     ) from e
 
 
-def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps, num_stages, zeroed=(), **meta):
+def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps, num_stages, **meta):
   """Runs `kernel` on `grid` with `inputs` (arrays and int scalars) then outputs as pointers,
-  and `meta` as constexprs; the outputs numbered in `zeroed` start as zeros."""
+  and `meta` as constexprs."""
   if implementation == "triton":
     jt = import_jax_triton()
     # jax-triton 0.3 calls the output spec out_shape, 0.4 calls it out_type.
     spec = "out_shape" if "out_shape" in inspect.signature(jt.triton_call).parameters else "out_type"
     return jt.triton_call(
         *inputs, kernel=kernel, grid=grid, name=name, num_warps=num_warps, num_stages=num_stages,
-        zeroed_outputs=tuple(zeroed), **{spec: out_shapes}, **meta,
+        **{spec: out_shapes}, **meta,
     )  # fmt: skip
 
   is_array = [not isinstance(x, int) for x in inputs]
@@ -319,10 +307,7 @@ def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps
     args = [next(tensors) if array else x for x, array in zip(inputs, is_array, strict=True)]
     # Poisoned outputs (NaN, or the smallest integer): an element the kernel forgets to write fails every test.
     poison = lambda dtype: float("nan") if jnp.issubdtype(dtype, jnp.floating) else int(jnp.iinfo(dtype).min)
-    outputs = [
-        torch.full(s.shape, 0 if i in zeroed else poison(s.dtype), dtype=getattr(torch, str(s.dtype)))
-        for i, s in enumerate(out_shapes)
-    ]
+    outputs = [torch.full(s.shape, poison(s.dtype), dtype=getattr(torch, str(s.dtype))) for s in out_shapes]
     with _interpreting():
       _interpreted(kernel.fn)[grid](*args, *outputs, **meta)
     return tuple(o.numpy() for o in outputs)
@@ -429,7 +414,7 @@ def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
   view its kernel reads. Ordered tokens take one plan kernel launch per distinct view;
   other orders plan.py's jnp."""
   tiles = _tiles(config, q.shape[-1], tokens)
-  kernels = ("fwd", "dkdv", "dq")[: (1 + backward + (backward and tiles.dq_reduce == "split"))]  # `Plans`' order
+  kernels = ("fwd", "dkdv", "dq") if backward else ("fwd",)  # `Plans`' field order
   shapes, views = zip(*(tiles.kernel_tiles[k] for k in kernels))
   if not tokens.ordered:
     plans = plan_lib.make_plans(tokens, shapes, strict=config.strict, views=views)
@@ -439,7 +424,7 @@ def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
       if (shape, view) not in built:  # the hash table's forward and dQ tiles coincide
         built[shape, view] = plan_view(config.implementation, tokens, *shape, strict=config.strict, view=view)
     plans = [built[shape, view] for shape, view in zip(shapes, views, strict=True)]
-  return Plans(*plans, *(None,) * (3 - len(plans)))
+  return Plans(*plans) if backward else Plans(plans[0], None, None)
 
 
 @jax.tree_util.register_dataclass
@@ -466,12 +451,12 @@ def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
   )  # fmt: skip
 
 
-def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, out_shapes, block_m, block_n, **extra):
+def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, out_shapes, block_m, block_n):
   return _launch(
       config.implementation, kernel, name=name, grid=grid,
       inputs=(*operands[:4], *c.indices, *operands[4:], *plan_ranges, *c.lengths), out_shapes=out_shapes,
       num_warps=c.tiles.bwd_num_warps, num_stages=c.tiles.bwd_num_stages,
-      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, **c.meta, **extra,
+      SM_SCALE=config.scale, BLOCK_M=block_m, BLOCK_N=block_n, **c.meta,
   )  # fmt: skip
 
 
@@ -500,41 +485,6 @@ def dkdv_kernel(config, q, k, v, tokens, lse, delta, do, plan: plan_lib.TilePlan
   )  # fmt: skip
 
 
-def fused_bwd_kernel(config, q, k, v, tokens, lse, delta, do, plan: plan_lib.TilePlan):
-  """dQ [B, T, N, H], dK, dV [B, S, K, H] at original rows from the dK/dV kernel, which
-  reduces dQ in float32 as the tile table's `dq_reduce` says."""
-  c = _call(config, q, k, tokens)
-  b, n, t = tokens.q_perm.shape
-  reduce = c.tiles.dq_reduce
-  if reduce == "tma" and config.implementation == "interpret":
-    raise ValueError("dq_reduce='tma' needs a GPU: Triton's interpreter has no TMA reduce-add")
-  sums = jax.ShapeDtypeStruct(q.shape if reduce == "atomic" else (b, n, t, q.shape[-1]), jnp.float32)
-  dk, dv, dq = _bwd_launch(
-      config, c, _kernels().scfa_bwd_fused, (plan.start_m, plan.end_m, plan.full_start_m, plan.full_end_m),
-      name="scfa_bwd_fused", grid=(plan.num_k_tiles, k.shape[0] * k.shape[2]),  # batch * kv heads
-      operands=(q, k, v, do, lse, delta),
-      out_shapes=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), sums),
-      block_m=c.tiles.block_m1, block_n=c.tiles.block_n1, zeroed=(2,), DQ_REDUCE=reduce,
-  )  # fmt: skip
-  if reduce == "atomic":
-    return (dq * config.scale).astype(q.dtype), dk, dv
-  block = 64
-  (dq,) = _launch(
-      config.implementation, _kernels().scfa_bwd_dq_store, name="scfa_bwd_dq_store", grid=(-(-t // block), b * n),
-      inputs=(dq, tokens.q_perm, q.shape[1], t), out_shapes=(jax.ShapeDtypeStruct(q.shape, q.dtype),),
-      num_warps=4, num_stages=1, SM_SCALE=config.scale, N=n, H=q.shape[-1], BLOCK=block,
-      WIDE=c.meta["WIDE"], ALIGNED=c.meta["ALIGNED"],
-  )  # fmt: skip
-  return dq, dk, dv
-
-
-def sorted_delta(tokens: SortedTokens, o, do) -> jax.Array:
-  """delta = rowsum(dO * O) in float32 per sorted query slot, [B, N, LQ]; 0 at padding slots."""
-  rows = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)  # [B, N, T]
-  perm = tokens.q_perm
-  return jnp.where(perm >= 0, jnp.take_along_axis(rows, jnp.maximum(perm, 0), axis=-1), 0.0)
-
-
 def forward(config, q, k, v, tokens: SortedTokens, *, differentiating: bool = False):
   """O [B, T, N, H] and the `Residuals`; the backward's plans are built only when `differentiating`."""
   plans = make_plans(config, q, tokens, backward=differentiating)
@@ -544,9 +494,6 @@ def forward(config, q, k, v, tokens: SortedTokens, *, differentiating: bool = Fa
 
 def backward(config, q, k, v, tokens: SortedTokens, o, residuals: Residuals, do):
   plans = residuals.plans
-  if _tiles(config, q.shape[-1], tokens).dq_reduce != "split":
-    delta = sorted_delta(tokens, o, do)
-    return fused_bwd_kernel(config, q, k, v, tokens, residuals.lse, delta, do, plans.dkdv)
   dq, delta = dq_kernel(config, q, k, v, tokens, o, residuals.lse, do, plans.dq)
   dk, dv = dkdv_kernel(config, q, k, v, tokens, residuals.lse, delta, do, plans.dkdv)
   return dq, dk, dv
