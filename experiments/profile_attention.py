@@ -34,11 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when r
 from experiments.bench_attention import CASES, make_case, timings, versions  # noqa: E402
 from scfa_jax import core, sorting, triton_backend  # noqa: E402
 
-BASES = {  # (head dim, hashed, grouped) -> KernelConfig
-    "table": lambda h, hashed, grouped=False: triton_backend.kernel_config("triton", h, hashed, grouped),
-    "qk_table": lambda h, hashed, grouped=False: triton_backend.kernel_config("triton", h, False, grouped),
-    "hash_table": lambda h, hashed, grouped=False: triton_backend.kernel_config("triton", h, True, grouped),
-}
+
+def _table(mode: bool | None):
+  """(head dim, hashed, grouped) -> the tile table's KernelConfig, for the call's own mode
+  (None) or always that of one mode (False: QK, True: hash)."""
+  return lambda h, hashed, grouped=False: triton_backend.kernel_config(
+      "triton", h, hashed if mode is None else mode, grouped
+  )
+
+
+BASES = {"table": _table(None), "qk_table": _table(False), "hash_table": _table(True)}
 
 
 def variant(spec: str):
