@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from scfa_jax import api
+
 
 def random_rotations(key: jax.Array, num_heads: int, head_dim: int, num_buckets: int) -> jax.Array:
   """Gaussian projections for `lsh_buckets`: float32 [N, H, num_buckets // 2].
@@ -57,10 +59,8 @@ def _earlier_mean(values: jax.Array, segment_ids: jax.Array | None) -> jax.Array
   (all positions when None); 0 at the first position of a run."""
   earlier = jnp.cumsum(values, axis=1) - values
   position = jnp.arange(values.shape[1], dtype=jnp.int32)[None]
+  _check_segments(segment_ids, values.shape[:2])
   if segment_ids is not None:
-    if getattr(segment_ids, "shape", None) != values.shape[:2]:
-      shape = getattr(segment_ids, "shape", None)
-      raise ValueError(f"segment_ids must be [B, T] = {values.shape[:2]}, got segment_ids.shape={shape}")
     changed = jnp.concatenate(
         [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
     )
@@ -70,21 +70,42 @@ def _earlier_mean(values: jax.Array, segment_ids: jax.Array | None) -> jax.Array
   return earlier / jnp.maximum(position.astype(jnp.float32), 1.0)[..., None, None]
 
 
+def _check_segments(segment_ids, shape: tuple[int, int]) -> None:
+  if segment_ids is not None and getattr(segment_ids, "shape", None) != shape:
+    raise ValueError(f"segment_ids must be [B, T] = {shape}, got segment_ids.shape={getattr(segment_ids, 'shape', None)}")
+  if segment_ids is not None and not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise TypeError(f"segment_ids must hold integers, got segment_ids.dtype={segment_ids.dtype}")
+
+
 def unit_vectors(x: jax.Array) -> jax.Array:
   """x / |x| over the last axis, in float32 (0 stays 0)."""
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def centered_buckets(x: jax.Array, rotations: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+def centered_buckets(
+    x: jax.Array, rotations: jax.Array, segment_ids: jax.Array | None = None, *, implementation: str | None = None
+) -> jax.Array:
   """`lsh_buckets(causal_center(x, segment_ids), rotations)`, centered after the projection.
 
   The centering is linear, so centering the R projections of the unit vectors equals
   projecting the centered vectors: the running mean then spans R values per token
   instead of H (8 instead of 64 for 16 buckets of 64-dim heads). Same shapes and dtype
   as `lsh_buckets`; equal buckets up to float rounding at near-ties.
+
+  implementation: as in `hash_sparse_attention`. "triton" (the default on a GPU with
+  jax-triton) and "interpret" run `kernels/lsh.py`, which reads x twice instead of XLA's
+  passes over float32 copies of it; "xla" runs the jnp below. The kernels take the float32
+  projection at `jax.default_matmul_precision`, as XLA's product does.
   """
   _check_lsh_args(x, rotations)
+  _check_segments(segment_ids, x.shape[:2])
+  implementation = api._resolve_implementation(implementation, x)
+  if implementation != "xla":
+    from scfa_jax import triton_backend  # noqa: PLC0415
+
+    out_dtype = bucket_dtype(2 * rotations.shape[-1])
+    return triton_backend.centered_buckets(implementation, x, rotations, segment_ids, out_dtype)
   projected = _project(unit_vectors(x), rotations)
   return _argmax_buckets(projected - _earlier_mean(projected, segment_ids))
 

@@ -470,10 +470,10 @@ class SparseCausalSelfAttention(nnx.Module):
     # Normalising does not change the angular hash, so shared-QK keys take the query buckets:
     # one array for both sides, inside the shard_map too, so that it is sorted once.
     if self.shared_qk:
-      return _lsh_buckets([q], rotations, self.center_hash, segment_ids)
+      return _lsh_buckets([q], rotations, self.center_hash, segment_ids, self.implementation)
     q_rotations = self._query_rotations(rotations)
-    return _lsh_buckets([q], q_rotations, self.center_hash, segment_ids) + _lsh_buckets(
-        [k], rotations, self.center_hash, segment_ids
+    return _lsh_buckets([q], q_rotations, self.center_hash, segment_ids, self.implementation) + _lsh_buckets(
+        [k], rotations, self.center_hash, segment_ids, self.implementation
     )
 
   def _hash(self, q, k, v, buckets, segment_ids=None):
@@ -505,11 +505,15 @@ def _dense_attention(q, k, v, implementation, segment_ids=None):
     return batch_sharded(attend)(q, k, v, *([] if segment_ids is None else [segment_ids]))
 
 
-def _lsh_buckets(xs, rotations, center: bool, segment_ids=None) -> list[jax.Array]:
+def _lsh_buckets(xs, rotations, center: bool, segment_ids=None, implementation=None) -> list[jax.Array]:
   with jax.named_scope("lsh"):
     if not center:
       return [lsh.lsh_buckets(x, rotations) for x in xs]
-    return [lsh.centered_buckets(x, rotations, segment_ids) for x in xs]
+
+    def bucket(x, segment_ids=None):  # the Triton kernels are custom calls: each device its own rows
+      return lsh.centered_buckets(x, rotations, segment_ids, implementation=implementation)
+
+    return [batch_sharded(bucket)(x, *([] if segment_ids is None else [segment_ids])) for x in xs]
 
 
 def _hash_attention(q, k, v, buckets, *, strict, implementation, segment_ids=None):
@@ -636,7 +640,7 @@ def attention_fn(
       out = _dense_attention(q, k, v, implementation)
     elif mode == "hash":
       rotations = lsh.random_rotations(draw, q.shape[2], q.shape[3], num_buckets)
-      buckets = _lsh_buckets([q, k], rotations, center_hash)
+      buckets = _lsh_buckets([q, k], rotations, center_hash, implementation=implementation)
       out = _hash_attention(q, k, v, buckets, strict=False, implementation=implementation)
     else:
       q_keep, k_keep = keep_masks(draw, drop_rate, q.shape[:3], k.shape[:3])

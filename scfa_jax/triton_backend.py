@@ -1,4 +1,4 @@
-"""Triton backend: host code for the kernels in `kernels/attention.py`.
+"""Triton backend: host code for the kernels in `kernels/` (attention, tile plans, LSH).
 
 Owns shapes, tile plans, grids and the per-head-dim tile table; the kernels own only
 tile math. Two launchers run the same kernels: "triton" through jax-triton on a GPU,
@@ -497,3 +497,65 @@ def backward(config, q, k, v, tokens: SortedTokens, o, residuals: Residuals, do)
   dq, delta = dq_kernel(config, q, k, v, tokens, o, residuals.lse, do, plans.dq)
   dk, dv = dkdv_kernel(config, q, k, v, tokens, residuals.lse, delta, do, plans.dkdv)
   return dq, dk, dv
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LshTiles:
+  """Launch settings of the LSH kernels (`kernels/lsh.py`)."""
+
+  chunk: int  # tokens per program; the host scans the chunks' sums
+  block_t: int  # tokens per step of a program's loop
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+_LSH_TILES = {"triton": LshTiles(chunk=256, block_t=64), "interpret": LshTiles(chunk=32, block_t=16)}
+
+
+def centered_buckets(implementation, x, rotations, segment_ids, out_dtype, tiles: LshTiles | None = None):
+  """`lsh.centered_buckets` in two launches of `kernels/lsh.py`: bucket ids [B, T, N] of out_dtype.
+
+  x: [B, T, N, H]; rotations [N, H, R]; segment_ids int [B, T] or None.
+  """
+  b, t, n, h = x.shape
+  r = rotations.shape[-1]
+  tiles = tiles or _LSH_TILES[implementation]
+  num_chunks = -(-t // tiles.chunk)
+  segments = segment_ids is not None
+  seg = segment_ids.astype(jnp.int32) if segments else jnp.zeros((1,), jnp.int32)
+  rotations = rotations.astype(jnp.float32)
+  launch = functools.partial(
+      _launch, implementation, grid=(num_chunks, b * n), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+      N=n, H=h, R=r, RP=max(16, 1 << (r - 1).bit_length()), CHUNK=tiles.chunk, BLOCK_T=tiles.block_t,
+      SEGMENTS=segments, PRECISION=input_precision(jnp.float32),
+  )  # fmt: skip
+  kernels = _kernels("lsh")
+  sums, starts = launch(
+      kernels.scfa_lsh_chunk_sums, name="scfa_lsh_chunk_sums", inputs=(x, rotations, seg, t),
+      out_shapes=(jax.ShapeDtypeStruct((b, n, num_chunks, r), jnp.float32),
+                  jax.ShapeDtypeStruct((b, n, num_chunks), jnp.int32)),
+  )  # fmt: skip
+  carry, run_start = _scan_chunks(sums, starts if segments else None)
+  (buckets,) = launch(
+      kernels.scfa_lsh_buckets, name="scfa_lsh_buckets", inputs=(x, rotations, seg, carry, run_start, t),
+      out_shapes=(jax.ShapeDtypeStruct((b, t, n), out_dtype),),
+  )
+  return buckets
+
+
+def _scan_chunks(sums, starts):
+  """What `scfa_lsh_buckets` carries into each chunk: the run's sum of projections before it
+  [B, N, C, R] and, with starts [B, N, C] (segments), the row its run starts at [B, C]."""
+  exclusive = lambda x, axis: jnp.concatenate(  # noqa: E731  (the scan's value before each chunk)
+      [jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis)), jax.lax.slice_in_dim(x, 0, -1, axis=axis)], axis
+  )
+  if starts is None:
+    return exclusive(jnp.cumsum(sums, axis=2), 2), jnp.zeros((1,), jnp.int32)
+
+  def restart(a, b):  # a segmented sum: a chunk with a document start begins anew
+    (started_a, sum_a), (started_b, sum_b) = a, b
+    return started_a | started_b, jnp.where(started_b, sum_b, sum_a + sum_b)
+
+  _, running = jax.lax.associative_scan(restart, (starts[..., None] >= 0, sums), axis=2)
+  # Chunk 0 holds row 0, a start: every later chunk's run starts at or after 0.
+  return exclusive(running, 2), exclusive(jax.lax.cummax(starts[:, 0], axis=1), 1)

@@ -12,6 +12,7 @@ import pytest
 
 import scfa_jax
 from scfa_jax import reference
+from tests.lsh_check import check_buckets
 from tests.plan_kernel_check import check_plan_kernel, plan_kernel_cases
 
 pytestmark = [
@@ -188,3 +189,22 @@ def test_plan_kernel_matches_the_jnp_plan(strict):
   (several programs per head)."""
   for tokens in plan_kernel_cases(long=20000):
     check_plan_kernel("triton", tokens, [(64, 32), (32, 64), (128, 64), (32, 128), (16, 16)], strict)
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_lsh_kernels_pick_the_argmax(documents):
+  """kernels/lsh.py on bf16 inputs, several chunks per head, against the argmax of the
+  float32 centered projections: a bucket may differ only at a near-tie (the kernels' TF32
+  products, as XLA's default float32 product), and two calls agree bit for bit."""
+  b, t, n, h = 2, 3001, 4, 64
+  key = jax.random.PRNGKey(2)
+  x = (jax.random.normal(key, (b, t, n, h)) + 0.5).astype(jnp.bfloat16)
+  rotations = scfa_jax.random_rotations(jax.random.fold_in(key, 1), n, h, 16)
+  seg = jnp.cumsum(jax.random.bernoulli(key, 0.002, (b, t)), axis=1).astype(jnp.int32) if documents else None
+  fn = jax.jit(lambda x, seg: scfa_jax.centered_buckets(x, rotations, seg))
+  got = fn(x, seg)
+  assert np.array_equal(np.asarray(got), np.asarray(fn(x, seg)))
+  near_ties = check_buckets(got, x, rotations, seg, tolerance=4e-3)
+  assert near_ties < 0.01
+  xla = scfa_jax.centered_buckets(x, rotations, seg, implementation="xla")
+  assert np.mean(np.asarray(got) == np.asarray(xla)) > 0.98

@@ -1,0 +1,96 @@
+"""The LSH kernels (`kernels/lsh.py`) in Triton's CPU interpreter against the jnp
+`lsh.centered_buckets`: chunks and tiles of 32 and 16 tokens, so that the test lengths
+cross several of each, odd lengths, documents that start anywhere, padding, and bucket
+counts whose projections fill part of the kernels' 16-column dot. On GPUs:
+test_kernels_gpu.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax import nnx
+
+from scfa_jax import lsh, nn, triton_backend
+from tests.lsh_check import check_buckets
+
+pytest.importorskip("torch", reason="the interpreter's tensors")
+pytest.importorskip("triton")
+
+
+def _x(key, shape, dtype=jnp.float32):
+  # An offset shared by every token, as transformer activations have: what the centering removes.
+  return (jax.random.normal(key, shape) + 0.7).astype(dtype)
+
+
+def _documents(key, b, t, rate=0.05):
+  return jnp.cumsum(jax.random.bernoulli(key, rate, (b, t)), axis=1).astype(jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "b, t, n, h, num_buckets",
+    [(2, 100, 3, 16, 8), (1, 1, 2, 16, 16), (1, 32, 1, 32, 4), (2, 97, 2, 64, 2), (1, 70, 2, 16, 40)],
+)
+def test_kernels_equal_the_jnp_buckets(b, t, n, h, num_buckets):
+  key = jax.random.key(t + num_buckets)
+  x = _x(key, (b, t, n, h))
+  rotations = lsh.random_rotations(jax.random.fold_in(key, 1), n, h, num_buckets)
+  got = lsh.centered_buckets(x, rotations, implementation="interpret")
+  np.testing.assert_array_equal(got, lsh.centered_buckets(x, rotations, implementation="xla"))
+  assert check_buckets(got, x, rotations) == 0.0
+
+
+def test_documents_restart_the_mean_anywhere():
+  """Starts on the first row of a chunk (32) and of a tile (48), inside a tile, several in
+  one tile, a chunk with none (64-95 lie in one document), an id that comes back after
+  another (a new document), and padding (negative ids)."""
+  b, t, n, h = 2, 150, 2, 16
+  seg = np.zeros((b, t), np.int32)
+  for start in (32, 48, 53, 55, 57, 100, 131):
+    seg[0, start:] += 1
+  seg[0, 120:131] = 1  # id 1 again, after ids 2..5: a document of its own
+  seg[1] = np.asarray(_documents(jax.random.key(3), 1, t, rate=0.1))[0]
+  seg[1, 60:75] = -1
+  x = _x(jax.random.key(4), (b, t, n, h))
+  rotations = lsh.random_rotations(jax.random.key(5), n, h, 16)
+  got = lsh.centered_buckets(x, rotations, jnp.asarray(seg), implementation="interpret")
+  np.testing.assert_array_equal(got, lsh.centered_buckets(x, rotations, jnp.asarray(seg), implementation="xla"))
+  # A document's buckets do not depend on what comes before it.
+  alone = lsh.centered_buckets(x[:1, 57:100], rotations, implementation="interpret")
+  np.testing.assert_array_equal(got[:1, 57:100], alone)
+
+
+def test_float16_inputs_and_the_layer_take_the_kernels(monkeypatch):
+  x = _x(jax.random.key(6), (2, 45, 2, 32), jnp.float16)
+  rotations = lsh.random_rotations(jax.random.key(7), 2, 32, 8)
+  seg = _documents(jax.random.key(8), 2, 45, rate=0.1)
+  check_buckets(lsh.centered_buckets(x, rotations, seg, implementation="interpret"), x, rotations, seg)
+
+  launches = []
+  kernels = triton_backend.centered_buckets
+  monkeypatch.setattr(triton_backend, "centered_buckets", lambda *a, **kw: launches.append(a[0]) or kernels(*a, **kw))
+  x = jax.random.normal(jax.random.key(9), (2, 40, 64))
+  seg = _documents(jax.random.key(10), 2, 40, rate=0.1)
+  outs = {
+      impl: nn.SparseCausalSelfAttention(width=64, num_heads=2, num_buckets=8, implementation=impl, rngs=nnx.Rngs(0))(
+          x, segment_ids=seg, rngs=jax.random.key(11)
+      )
+      for impl in ("interpret", "xla")
+  }
+  assert launches == ["interpret"]
+  np.testing.assert_allclose(outs["interpret"], outs["xla"], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_name_the_argument():
+  x = _x(jax.random.key(0), (1, 20, 2, 16))
+  rotations = lsh.random_rotations(jax.random.key(1), 2, 16, 4)
+  with pytest.raises(TypeError, match="segment_ids must hold integers"):
+    lsh.centered_buckets(x, rotations, jnp.zeros((1, 20)), implementation="interpret")
+  with pytest.raises(ValueError, match="segment_ids must be"):
+    lsh.centered_buckets(x, rotations, jnp.zeros((1, 19), jnp.int32), implementation="interpret")
+  with pytest.raises(ValueError, match="implementation='interpret' takes float32 or float16"):
+    lsh.centered_buckets(x.astype(jnp.bfloat16), rotations, implementation="interpret")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    lsh.centered_buckets(x, rotations, implementation="cuda")
