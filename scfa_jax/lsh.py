@@ -105,6 +105,8 @@ def centered_buckets(
     from scfa_jax import triton_backend  # noqa: PLC0415
 
     out_dtype = bucket_dtype(2 * rotations.shape[-1])
+    # Buckets are integers: no gradient flows through them, and the kernels have no JVP rule.
+    x, rotations = jax.lax.stop_gradient(x), jax.lax.stop_gradient(rotations)
     return triton_backend.centered_buckets(implementation, x, rotations, segment_ids, out_dtype)
   projected = _project(unit_vectors(x), rotations)
   return _argmax_buckets(projected - _earlier_mean(projected, segment_ids))

@@ -81,6 +81,11 @@ def test_float16_inputs_and_the_layer_take_the_kernels(monkeypatch):
   }
   assert launches == ["interpret"]
   np.testing.assert_allclose(outs["interpret"], outs["xla"], rtol=1e-5, atol=1e-6)
+  # Gradients pass the layer (the buckets take none, the kernels have no JVP rule).
+  layer = nn.SparseCausalSelfAttention(width=64, num_heads=2, num_buckets=8, implementation="interpret",
+                                       rngs=nnx.Rngs(0))  # fmt: skip
+  grad = jax.grad(lambda x: jnp.sum(layer(x, rngs=jax.random.key(11)) ** 2))(x)
+  assert grad.shape == x.shape and bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).max()) > 0
 
 
 def test_bad_inputs_name_the_argument():
