@@ -1,17 +1,17 @@
 """GPU time of the model's LSH (`lsh.centered_buckets`) per layer: XLA's jnp against the
-Triton kernels (`kernels/lsh.py`), side by side in one process.
+Triton kernel (`kernels/lsh.py`), side by side in one process.
 
 Each timed call hashes --layers different inputs [B, T, N, H] in one jitted function,
 as a model's step does, so that the host's per-call cost is spread over the layers; the
 rows give milliseconds per layer. The inputs carry an offset shared by every token, as
-transformer activations do. `agreement` is the share of buckets equal to XLA's (the kernels
+transformer activations do. `agreement` is the share of buckets equal to XLA's (the kernel
 round the float32 sums in another order, so near-ties may go either way).
 
   python experiments/bench_lsh.py --cases=8192x4,16384x2,32768x1,65536x1 \
       --out=experiments/results/bench_lsh_h100.json
-  python experiments/bench_lsh.py --cases=8192x4 --tiles=128:32,256:64,512:64,256:128 --out=lsh_tiles.json
+  python experiments/bench_lsh.py --cases=8192x4 --tiles=64:4,128:8,256:8 --out=lsh_tiles.json
 
---tiles times the kernels at other (tokens per program, tokens per step) settings;
+--tiles times the kernel at other (tokens per program, warps) settings;
 --documents also times packed rows (segment ids of documents 512 to 8192 tokens long).
 """
 
@@ -58,8 +58,8 @@ def variants(implementations: list[str], tiles: list[str]) -> dict:
   for impl in implementations:
     out[impl] = lambda x, r, s, impl=impl: lsh.centered_buckets(x, r, s, implementation=impl)
   for spec in tiles:
-    chunk, block_t, *launch = (int(v) for v in spec.split(":"))
-    setting = triton_backend.LshTiles(chunk=chunk, block_t=block_t, **dict(zip(("num_warps", "num_stages"), launch)))
+    block_t, *launch = (int(v) for v in spec.split(":"))
+    setting = triton_backend.LshTiles(block_t=block_t, **dict(zip(("num_warps", "num_stages"), launch)))
     dtype = lambda r: lsh.bucket_dtype(2 * r.shape[-1])  # noqa: E731
     out[f"triton_{spec}"] = lambda x, r, s, t=setting: triton_backend.centered_buckets("triton", x, r, s, dtype(r), t)
   return out
@@ -74,7 +74,7 @@ def main() -> None:
   parser.add_argument("--dtype", default="bfloat16", help="of the inputs (the interpreter takes float32)")
   parser.add_argument("--layers", type=int, default=12, help="inputs hashed per timed call")
   parser.add_argument("--implementations", default="xla,triton")
-  parser.add_argument("--tiles", default="", help="extra kernel settings chunk:block_t[:num_warps[:num_stages]]")
+  parser.add_argument("--tiles", default="", help="extra kernel settings block_t[:num_warps[:num_stages]]")
   parser.add_argument("--documents", action="store_true", help="also time packed rows")
   parser.add_argument("--rep_ms", type=int, default=300)
   parser.add_argument("--out", default=None)

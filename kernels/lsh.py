@@ -1,21 +1,25 @@
-"""Causally centered angular LSH (Triton source only).
+"""Causally centered angular LSH in one pass (Triton source only).
 
 `scfa_jax/lsh.py` states the hash and keeps the jnp version (`centered_buckets`), the
-oracle these kernels are tested against. A token's bucket is the argmax over [c, -c] of
+oracle this kernel is tested against. A token's bucket is the argmax over [c, -c] of
 c = p[t] - mean(p[s] for the earlier s of its run), p = (x / |x|) R, where a run is the
 whole row or, with SEGMENTS, one document of it. XLA runs that as several passes over
-float32 copies of x; here each chunk of CHUNK tokens of one (batch, head) is one program
-that reads x once per launch:
+float32 copies of x; here each program reads one tile of BLOCK_T rows of one (batch,
+head) once and stores its bucket ids at [B, T, N].
 
-  1. `scfa_lsh_chunk_sums`: the chunk's sum of p (with SEGMENTS: the sum since the
-     chunk's last document start, and that start), [B, N, C, R] and [B, N, C];
-  2. the host scans those sums across chunks (a few hundred values per head);
-  3. `scfa_lsh_buckets`: p again, its running sum inside the chunk plus the carried one,
-     the centering and the argmax; stores one bucket id per token at [B, T, N].
+The running mean crosses tiles, so the programs of one (batch, head) scan their sums in
+a single pass with decoupled look-back (Merrill and Garland, 2016): a program publishes
+its tile's sum of p (flag 1), adds up its predecessors' published values, walking back
+until it meets a tile that published its inclusive sum (flag 2) or, with SEGMENTS, one
+whose document started inside it, then publishes its own inclusive sum (flag 2). The
+grid runs (batch * head) fastest, so every tile's predecessors were launched before it:
+a program only waits on programs that already run. A tile's published values are
+(sum of p since its last document start, that start's row or -1); the flags are zeroed
+before the launch.
 
 x is [B, T, N, H] (rows of H contiguous elements), rotations [N, H, R] float32, whose R
 columns are read into RP >= 16 (tl.dot's smallest width; the padding columns are 0 and
-never win the argmax). Element offsets are int64: the kernels are memory-bound.
+never win the argmax). Element offsets are int64: the kernel is memory-bound.
 """
 
 import triton
@@ -78,64 +82,72 @@ def _signed_argmax(c, R: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
-def scfa_lsh_chunk_sums(
-    x_ptr, rot_ptr, seg_ptr, T, sums_ptr, starts_ptr,
-    N: tl.constexpr, H: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_T: tl.constexpr, SEGMENTS: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-  """Per chunk: sums [B, N, C, R] of p over the chunk (with SEGMENTS, over its tail from
-  its last document start) and starts [B, N, C], that start's row or -1."""
-  chunk, bn = tl.program_id(0), tl.program_id(1)
-  b, n = bn // N, bn % N
-  rot = _rotations(rot_ptr, n, H, R, RP)
-  carry = tl.zeros([RP], tl.float32)
-  last = tl.full([], -1, tl.int32)
-  for i in tl.range(0, CHUNK, BLOCK_T):
-    rows = chunk * CHUNK + i + tl.arange(0, BLOCK_T)
-    p = _projections(x_ptr, rot, b, n, rows, T, N, H, PRECISION)
-    if SEGMENTS:
-      carry, tile_last = _carry_on(carry, p, rows, _run_starts(seg_ptr, b, rows, T))
-      last = tl.maximum(last, tile_last)
-    else:
-      carry += tl.sum(p, axis=0)
+def _publish(sums_ptr, starts_ptr, flags_ptr, slot, total, start, FLAG: tl.constexpr, R: tl.constexpr, RP: tl.constexpr):
+  """Stores a tile's (sum, start) as its aggregate (FLAG 1) or inclusive (FLAG 2) value, then
+  the flag: every thread's stores come before the flag's release."""
   cols = tl.arange(0, RP)
-  tl.store(sums_ptr + (bn * tl.num_programs(0) + chunk) * R + cols, carry, mask=cols < R)
-  tl.store(starts_ptr + bn * tl.num_programs(0) + chunk, last)
+  tl.store(sums_ptr + (slot * 2 + FLAG - 1) * R + cols, total, mask=cols < R)
+  tl.store(starts_ptr + slot * 2 + FLAG - 1, start)
+  tl.debug_barrier()
+  tl.atomic_xchg(flags_ptr + slot, FLAG, sem="release")
 
 
 @triton.jit
-def scfa_lsh_buckets(
-    x_ptr, rot_ptr, seg_ptr, carry_ptr, run_start_ptr, T, buckets_ptr,
-    N: tl.constexpr, H: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_T: tl.constexpr, SEGMENTS: tl.constexpr, PRECISION: tl.constexpr,
+def scfa_lsh(
+    x_ptr, rot_ptr, seg_ptr, T, buckets_ptr, sums_ptr, starts_ptr, flags_ptr,
+    N: tl.constexpr, H: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BLOCK_T: tl.constexpr,
+    SEGMENTS: tl.constexpr, PRECISION: tl.constexpr, PUBLISH_INCLUSIVE: tl.constexpr,
 ):  # fmt: skip
-  """Bucket ids [B, T, N] of one chunk, given carry [B, N, C, R], the run's sum of p
-  before the chunk, and (with SEGMENTS) run_start [B, C], the row its run starts at."""
-  chunk, bn = tl.program_id(0), tl.program_id(1)
+  """Bucket ids [B, T, N] of one tile; sums [B * N, C, 2, R], starts [B * N, C, 2] and flags
+  [B * N, C] (zeroed) are the tiles' published values. Without PUBLISH_INCLUSIVE only the
+  first tile publishes an inclusive sum, so every look-back walks to it or to a document
+  start: the walk that concurrent programs take, for the interpreter, which runs one at a time."""
+  bn, tile = tl.program_id(0), tl.program_id(1)
   b, n = bn // N, bn % N
-  rot = _rotations(rot_ptr, n, H, R, RP)
-  cols = tl.arange(0, RP)
-  carry = tl.load(carry_ptr + (bn * tl.num_programs(0) + chunk) * R + cols, mask=cols < R, other=0.0)
+  slot = bn * tl.num_programs(1) + tile
+  rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+  p = _projections(x_ptr, _rotations(rot_ptr, n, H, R, RP), b, n, rows, T, N, H, PRECISION)
   if SEGMENTS:
-    run_start = tl.load(run_start_ptr + b * tl.num_programs(0) + chunk)
-  for i in tl.range(0, CHUNK, BLOCK_T):
-    rows = chunk * CHUNK + i + tl.arange(0, BLOCK_T)
-    p = _projections(x_ptr, rot, b, n, rows, T, N, H, PRECISION)
-    if SEGMENTS:
-      starts = _run_starts(seg_ptr, b, rows, T)
-      flags = tl.broadcast_to(starts.to(tl.int32)[:, None], (BLOCK_T, RP))
-      _, running = tl.associative_scan((flags, p), 0, _segmented_add)
-      # Rows before the tile's first start continue the run carried in.
-      continues = tl.cumsum(starts.to(tl.int32), axis=0) == 0
-      earlier = running - p + tl.where(continues[:, None], carry[None, :], 0.0)
-      count = rows - tl.maximum(tl.associative_scan(tl.where(starts, rows, -1), 0, _maximum), run_start)
-      carry, tile_last = _carry_on(carry, p, rows, starts)
-      run_start = tl.maximum(run_start, tile_last)
+    starts = _run_starts(seg_ptr, b, rows, T)
+    own, own_start = _carry_on(tl.zeros([RP], tl.float32), p, rows, starts)
+  else:
+    own, own_start = tl.sum(p, axis=0), tl.full([], -1, tl.int32)
+  if tile == 0:
+    _publish(sums_ptr, starts_ptr, flags_ptr, slot, own, own_start, 2, R, RP)
+  else:
+    _publish(sums_ptr, starts_ptr, flags_ptr, slot, own, own_start, 1, R, RP)
+
+  # Look back: the run's sum of p before this tile, and the row it starts at.
+  cols = tl.arange(0, RP)
+  carry = tl.zeros([RP], tl.float32)
+  run_start = tl.full([], -1, tl.int32)
+  before = slot - 1
+  looking = tile > 0
+  while looking:
+    flag = tl.atomic_add(flags_ptr + before, 0, sem="acquire")
+    while flag == 0:
+      flag = tl.atomic_add(flags_ptr + before, 0, sem="acquire")
+    carry += tl.load(sums_ptr + (before * 2 + flag - 1) * R + cols, mask=cols < R, other=0.0)
+    start = tl.load(starts_ptr + before * 2 + flag - 1)
+    run_start = tl.maximum(run_start, start)
+    looking = (flag == 1) & (start < 0) & (before > slot - tile)
+    before -= 1
+  if PUBLISH_INCLUSIVE and tile > 0:
+    if own_start >= 0:
+      _publish(sums_ptr, starts_ptr, flags_ptr, slot, own, own_start, 2, R, RP)
     else:
-      earlier = carry[None, :] + tl.cumsum(p, axis=0) - p
-      count = rows
-      carry += tl.sum(p, axis=0)
-    centered = p - earlier / tl.maximum(count.to(tl.float32), 1.0)[:, None]
-    bucket = _signed_argmax(centered, R, RP)
-    offsets = (b * T + rows).to(tl.int64) * N + n
-    tl.store(buckets_ptr + offsets, bucket.to(buckets_ptr.dtype.element_ty), mask=rows < T)
+      _publish(sums_ptr, starts_ptr, flags_ptr, slot, carry + own, run_start, 2, R, RP)
+
+  if SEGMENTS:
+    flags = tl.broadcast_to(starts.to(tl.int32)[:, None], (BLOCK_T, RP))
+    _, running = tl.associative_scan((flags, p), 0, _segmented_add)
+    # Rows before the tile's first start continue the run carried in.
+    continues = tl.cumsum(starts.to(tl.int32), axis=0) == 0
+    earlier = running - p + tl.where(continues[:, None], carry[None, :], 0.0)
+    count = rows - tl.maximum(tl.associative_scan(tl.where(starts, rows, -1), 0, _maximum), run_start)
+  else:
+    earlier = carry[None, :] + tl.cumsum(p, axis=0) - p
+    count = rows
+  centered = p - earlier / tl.maximum(count.to(tl.float32), 1.0)[:, None]
+  bucket = _signed_argmax(centered, R, RP)
+  tl.store(buckets_ptr + (b * T + rows).to(tl.int64) * N + n, bucket.to(buckets_ptr.dtype.element_ty), mask=rows < T)

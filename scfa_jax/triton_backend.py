@@ -286,16 +286,16 @@ def check_supported(implementation: str, q: jax.Array) -> None:
     ) from e
 
 
-def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps, num_stages, **meta):
+def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps, num_stages, zeroed=(), **meta):
   """Runs `kernel` on `grid` with `inputs` (arrays and int scalars) then outputs as pointers,
-  and `meta` as constexprs."""
+  and `meta` as constexprs; the outputs whose indices are in `zeroed` start as zeros."""
   if implementation == "triton":
     jt = import_jax_triton()
     # jax-triton 0.3 calls the output spec out_shape, 0.4 calls it out_type.
     spec = "out_shape" if "out_shape" in inspect.signature(jt.triton_call).parameters else "out_type"
     return jt.triton_call(
         *inputs, kernel=kernel, grid=grid, name=name, num_warps=num_warps, num_stages=num_stages,
-        **{spec: out_shapes}, **meta,
+        zeroed_outputs=zeroed, **{spec: out_shapes}, **meta,
     )  # fmt: skip
 
   is_array = [not isinstance(x, int) for x in inputs]
@@ -307,7 +307,10 @@ def _launch(implementation, kernel, *, name, grid, inputs, out_shapes, num_warps
     args = [next(tensors) if array else x for x, array in zip(inputs, is_array, strict=True)]
     # Poisoned outputs (NaN, or the smallest integer): an element the kernel forgets to write fails every test.
     poison = lambda dtype: float("nan") if jnp.issubdtype(dtype, jnp.floating) else int(jnp.iinfo(dtype).min)
-    outputs = [torch.full(s.shape, poison(s.dtype), dtype=getattr(torch, str(s.dtype))) for s in out_shapes]
+    outputs = [
+        torch.full(s.shape, 0 if i in zeroed else poison(s.dtype), dtype=getattr(torch, str(s.dtype)))
+        for i, s in enumerate(out_shapes)
+    ]
     with _interpreting():
       _interpreted(kernel.fn)[grid](*args, *outputs, **meta)
     return tuple(o.numpy() for o in outputs)
@@ -501,61 +504,38 @@ def backward(config, q, k, v, tokens: SortedTokens, o, residuals: Residuals, do)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LshTiles:
-  """Launch settings of the LSH kernels (`kernels/lsh.py`)."""
+  """Launch settings of the LSH kernel (`kernels/lsh.py`)."""
 
-  chunk: int  # tokens per program; the host scans the chunks' sums
-  block_t: int  # tokens per step of a program's loop
+  block_t: int  # tokens per program
   num_warps: int = 4
-  num_stages: int = 2
+  num_stages: int = 1
+  publish_inclusive: bool = True  # False: each look-back walks to the first tile (tests)
 
 
-_LSH_TILES = {"triton": LshTiles(chunk=256, block_t=64), "interpret": LshTiles(chunk=32, block_t=16)}
+_LSH_TILES = {"triton": LshTiles(block_t=128), "interpret": LshTiles(block_t=16)}
 
 
 def centered_buckets(implementation, x, rotations, segment_ids, out_dtype, tiles: LshTiles | None = None):
-  """`lsh.centered_buckets` in two launches of `kernels/lsh.py`: bucket ids [B, T, N] of out_dtype.
+  """`lsh.centered_buckets` in one launch of `kernels/lsh.py`: bucket ids [B, T, N] of out_dtype.
 
   x: [B, T, N, H]; rotations [N, H, R]; segment_ids int [B, T] or None.
   """
   b, t, n, h = x.shape
   r = rotations.shape[-1]
   tiles = tiles or _LSH_TILES[implementation]
-  num_chunks = -(-t // tiles.chunk)
+  num_tiles = -(-t // tiles.block_t)
   segments = segment_ids is not None
-  seg = segment_ids.astype(jnp.int32) if segments else jnp.zeros((1,), jnp.int32)
-  rotations = rotations.astype(jnp.float32)
-  launch = functools.partial(
-      _launch, implementation, grid=(num_chunks, b * n), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-      N=n, H=h, R=r, RP=max(16, 1 << (r - 1).bit_length()), CHUNK=tiles.chunk, BLOCK_T=tiles.block_t,
-      SEGMENTS=segments, PRECISION=input_precision(jnp.float32),
+  buckets, *_published = _launch(
+      implementation, _kernels("lsh").scfa_lsh, name="scfa_lsh", grid=(b * n, num_tiles),
+      inputs=(x, rotations.astype(jnp.float32), segment_ids.astype(jnp.int32) if segments else jnp.zeros((1,), jnp.int32), t),
+      out_shapes=(
+          jax.ShapeDtypeStruct((b, t, n), out_dtype),
+          jax.ShapeDtypeStruct((b * n, num_tiles, 2, r), jnp.float32),  # each tile's aggregate and inclusive sums
+          jax.ShapeDtypeStruct((b * n, num_tiles, 2), jnp.int32),  # and their document starts
+          jax.ShapeDtypeStruct((b * n, num_tiles), jnp.int32),  # flags, zeroed
+      ),
+      zeroed=(3,), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+      N=n, H=h, R=r, RP=max(16, 1 << (r - 1).bit_length()), BLOCK_T=tiles.block_t, SEGMENTS=segments,
+      PRECISION=input_precision(jnp.float32), PUBLISH_INCLUSIVE=tiles.publish_inclusive,
   )  # fmt: skip
-  kernels = _kernels("lsh")
-  sums, starts = launch(
-      kernels.scfa_lsh_chunk_sums, name="scfa_lsh_chunk_sums", inputs=(x, rotations, seg, t),
-      out_shapes=(jax.ShapeDtypeStruct((b, n, num_chunks, r), jnp.float32),
-                  jax.ShapeDtypeStruct((b, n, num_chunks), jnp.int32)),
-  )  # fmt: skip
-  carry, run_start = _scan_chunks(sums, starts if segments else None)
-  (buckets,) = launch(
-      kernels.scfa_lsh_buckets, name="scfa_lsh_buckets", inputs=(x, rotations, seg, carry, run_start, t),
-      out_shapes=(jax.ShapeDtypeStruct((b, t, n), out_dtype),),
-  )
   return buckets
-
-
-def _scan_chunks(sums, starts):
-  """What `scfa_lsh_buckets` carries into each chunk: the run's sum of projections before it
-  [B, N, C, R] and, with starts [B, N, C] (segments), the row its run starts at [B, C]."""
-  exclusive = lambda x, axis: jnp.concatenate(  # noqa: E731  (the scan's value before each chunk)
-      [jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis)), jax.lax.slice_in_dim(x, 0, -1, axis=axis)], axis
-  )
-  if starts is None:
-    return exclusive(jnp.cumsum(sums, axis=2), 2), jnp.zeros((1,), jnp.int32)
-
-  def restart(a, b):  # a segmented sum: a chunk with a document start begins anew
-    (started_a, sum_a), (started_b, sum_b) = a, b
-    return started_a | started_b, jnp.where(started_b, sum_b, sum_a + sum_b)
-
-  _, running = jax.lax.associative_scan(restart, (starts[..., None] >= 0, sums), axis=2)
-  # Chunk 0 holds row 0, a start: every later chunk's run starts at or after 0.
-  return exclusive(running, 2), exclusive(jax.lax.cummax(starts[:, 0], axis=1), 1)

@@ -57,6 +57,12 @@ def test_documents_restart_the_mean_anywhere():
   rotations = lsh.random_rotations(jax.random.key(5), n, h, 16)
   got = lsh.centered_buckets(x, rotations, jnp.asarray(seg), implementation="interpret")
   np.testing.assert_array_equal(got, lsh.centered_buckets(x, rotations, jnp.asarray(seg), implementation="xla"))
+  # The interpreter runs programs one by one, so each finds its predecessor's inclusive sum:
+  # published without it, every look-back walks over the tiles' own sums, as on a GPU.
+  walking = triton_backend.LshTiles(block_t=16, publish_inclusive=False)
+  for s in (None, jnp.asarray(seg)):
+    walked = triton_backend.centered_buckets("interpret", x, rotations, s, jnp.uint8, walking)
+    np.testing.assert_array_equal(walked, lsh.centered_buckets(x, rotations, s, implementation="xla"))
   # A document's buckets do not depend on what comes before it.
   alone = lsh.centered_buckets(x[:1, 57:100], rotations, implementation="interpret")
   np.testing.assert_array_equal(got[:1, 57:100], alone)
