@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
-from experiments.bench_attention import CASES, make_case, timings, versions  # noqa: E402
+from experiments.bench_attention import CASES, SHARED_STRICT, make_case, timings, versions  # noqa: E402
 from scfa_jax import core, sorting, triton_backend  # noqa: E402
 
 
@@ -150,7 +150,8 @@ def profile_case(case, q, k, v, t, rep_ms, variants, list_kernels=False, with_ti
   rows, reference = [], None
   for variant, make_tiles in variants.items():
     tiles = make_tiles(h, mode == "hash")
-    config = core.AttentionConfig(implementation="triton", strict=False, scale=h**-0.5, kernel=tiles)
+    strict = case in SHARED_STRICT
+    config = core.AttentionConfig(implementation="triton", strict=strict, scale=h**-0.5, kernel=tiles)
 
     def attention(q, k, v, qm, km, config=config):  # the public function with `tiles`
       return core.attention(q, k, v, _sort(mode, qm, km), config)
