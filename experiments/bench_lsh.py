@@ -57,10 +57,10 @@ def variants(implementations: list[str], tiles: list[str]) -> dict:
   out = {}
   for impl in implementations:
     out[impl] = lambda x, r, s, impl=impl: lsh.centered_buckets(x, r, s, implementation=impl)
+  dtype = lambda r: lsh.bucket_dtype(2 * r.shape[-1])  # noqa: E731
   for spec in tiles:
     block_t, *launch = (int(v) for v in spec.split(":"))
     setting = triton_backend.LshTiles(block_t=block_t, **dict(zip(("num_warps", "num_stages"), launch)))
-    dtype = lambda r: lsh.bucket_dtype(2 * r.shape[-1])  # noqa: E731
     out[f"triton_{spec}"] = lambda x, r, s, t=setting: triton_backend.centered_buckets("triton", x, r, s, dtype(r), t)
   return out
 

@@ -1,20 +1,21 @@
-"""The LSH kernels (`kernels/lsh.py`) in Triton's CPU interpreter against the jnp
-`lsh.centered_buckets`: chunks and tiles of 32 and 16 tokens, so that the test lengths
-cross several of each, odd lengths, documents that start anywhere, padding, and bucket
-counts whose projections fill part of the kernels' 16-column dot. On GPUs:
-test_kernels_gpu.py."""
+"""The LSH kernel (`kernels/lsh.py`) in Triton's CPU interpreter against the jnp
+`lsh.centered_buckets`: tiles of 16 tokens, so that the test lengths cross several, odd
+lengths, documents that start anywhere, padding, and bucket counts whose projections fill
+part of the kernel's 16-column dot. On GPUs: test_kernels_gpu.py."""
 
 from __future__ import annotations
+
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from flax import nnx
 
 from scfa_jax import lsh, nn, triton_backend
 from tests.lsh_check import check_buckets
+from tests.scripts import run_script
 
 pytest.importorskip("torch", reason="the interpreter's tensors")
 pytest.importorskip("triton")
@@ -43,9 +44,9 @@ def test_kernels_equal_the_jnp_buckets(b, t, n, h, num_buckets):
 
 
 def test_documents_restart_the_mean_anywhere():
-  """Starts on the first row of a chunk (32) and of a tile (48), inside a tile, several in
-  one tile, a chunk with none (64-95 lie in one document), an id that comes back after
-  another (a new document), and padding (negative ids)."""
+  """Starts on a tile's first row (32, 48), inside a tile, several in one tile, tiles with
+  none (64-95 lie in one document), an id that comes back after another (a new document),
+  and padding (negative ids)."""
   b, t, n, h = 2, 150, 2, 16
   seg = np.zeros((b, t), np.int32)
   for start in (32, 48, 53, 55, 57, 100, 131):
@@ -105,3 +106,19 @@ def test_bad_inputs_name_the_argument():
     lsh.centered_buckets(x.astype(jnp.bfloat16), rotations, implementation="interpret")
   with pytest.raises(ValueError, match="implementation must be one of"):
     lsh.centered_buckets(x, rotations, implementation="cuda")
+
+
+def test_bench_lsh_runs_and_records_agreement(tmp_path):
+  """experiments/bench_lsh.py end to end on the CPU: the interpreter against XLA, with and
+  without document ids, and an extra tile setting."""
+  out = tmp_path / "lsh.json"
+  run_script(
+      "bench_lsh.py", "--cases=40x2", "--heads=2", "--head_dim=16", "--layers=2", "--dtype=float32",
+      "--implementations=xla,interpret", "--documents", "--rep_ms=1", f"--out={out}",
+  )  # fmt: skip
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["documents"], r["variant"]) for r in rows] == [
+      (False, "xla"), (False, "interpret"), (True, "xla"), (True, "interpret")
+  ]
+  assert all(r["agreement"] == 1.0 for r in rows if r["variant"] == "interpret")
+  assert all(r["ms_per_layer"] > 0 for r in rows)
