@@ -94,9 +94,9 @@ def centered_buckets(
   as `lsh_buckets`; equal buckets up to float rounding at near-ties.
 
   implementation: as in `hash_sparse_attention`. "triton" (the default on a GPU with
-  jax-triton) and "interpret" run `kernels/lsh.py`, which reads x twice instead of XLA's
-  passes over float32 copies of it; "xla" runs the jnp below. The kernels take the float32
-  projection at `jax.default_matmul_precision`, as XLA's product does.
+  jax-triton) and "interpret" run the one-pass kernel `kernels/lsh.py`, which reads x once
+  instead of XLA's passes over float32 copies of it; "xla" runs the jnp below. The kernel
+  takes the float32 projection at `jax.default_matmul_precision`, as XLA's product does.
   """
   _check_lsh_args(x, rotations)
   _check_segments(segment_ids, x.shape[:2])
@@ -105,7 +105,7 @@ def centered_buckets(
     from scfa_jax import triton_backend  # noqa: PLC0415
 
     out_dtype = bucket_dtype(2 * rotations.shape[-1])
-    # Buckets are integers: no gradient flows through them, and the kernels have no JVP rule.
+    # Buckets are integers: no gradient flows through them, and the kernel has no JVP rule.
     x, rotations = jax.lax.stop_gradient(x), jax.lax.stop_gradient(rotations)
     return triton_backend.centered_buckets(implementation, x, rotations, segment_ids, out_dtype)
   projected = _project(unit_vectors(x), rotations)

@@ -510,7 +510,7 @@ def _lsh_buckets(xs, rotations, center: bool, segment_ids=None, implementation=N
     if not center:
       return [lsh.lsh_buckets(x, rotations) for x in xs]
 
-    def bucket(x, segment_ids=None):  # the Triton kernels are custom calls: each device its own rows
+    def bucket(x, segment_ids=None):  # the Triton kernel is a custom call: each device hashes its own rows
       return lsh.centered_buckets(x, rotations, segment_ids, implementation=implementation)
 
     return [batch_sharded(bucket)(x, *([] if segment_ids is None else [segment_ids])) for x in xs]
