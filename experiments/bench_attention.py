@@ -132,6 +132,8 @@ def make_case(name, b, t, n, seed, kv_heads=None):
   kv_heads = n if kv_heads is None else kv_heads
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
   if name in SHARED_STRICT:
+    if kv_heads != n:
+      raise ValueError(f"case {name!r} shares one bucket array for queries and keys: it needs kv_heads = {n}, got {kv_heads}")
     shares = np.arange(1, param + 1, dtype=np.float64) ** -SHARED_STRICT[name]
     shares /= shares.sum()
     drawn = jax.random.categorical(k1, jnp.log(jnp.asarray(shares, jnp.float32)), shape=(b, t, n))

@@ -78,15 +78,17 @@ def _check_segments(q_segment_ids, k_segment_ids, q, k) -> None:
     raise ValueError("q_segment_ids and k_segment_ids must be given together (or both left None)")
   if q_segment_ids is None:
     return
-  for name, x, expected, letters in (
-      ("q_segment_ids", q_segment_ids, q.shape[:2], "[B, T]"),
-      ("k_segment_ids", k_segment_ids, k.shape[:2], "[B, S]"),
-  ):
-    shape = _shape_of(name, x)
-    if shape != expected:
-      raise ValueError(f"{name} must have shape {letters} = {expected}, got {name}.shape={shape}")
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-      raise TypeError(f"{name} must hold integers, got {name}.dtype={x.dtype}")
+  check_segment_ids("q_segment_ids", q_segment_ids, q.shape[:2], "[B, T]")
+  check_segment_ids("k_segment_ids", k_segment_ids, k.shape[:2], "[B, S]")
+
+
+def check_segment_ids(name: str, x, expected: tuple[int, int], letters: str = "[B, T]") -> None:
+  """Raises unless x is an integer array of shape `expected` (segment ids of packed documents)."""
+  shape = _shape_of(name, x)
+  if shape != expected:
+    raise ValueError(f"{name} must have shape {letters} = {expected}, got {name}.shape={shape}")
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must hold integers, got {name}.dtype={x.dtype}")
 
 
 def _resolve_implementation(implementation, q: jax.Array) -> core.Implementation:

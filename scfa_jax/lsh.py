@@ -59,8 +59,8 @@ def _earlier_mean(values: jax.Array, segment_ids: jax.Array | None) -> jax.Array
   (all positions when None); 0 at the first position of a run."""
   earlier = jnp.cumsum(values, axis=1) - values
   position = jnp.arange(values.shape[1], dtype=jnp.int32)[None]
-  _check_segments(segment_ids, values.shape[:2])
   if segment_ids is not None:
+    api.check_segment_ids("segment_ids", segment_ids, values.shape[:2])
     changed = jnp.concatenate(
         [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
     )
@@ -68,13 +68,6 @@ def _earlier_mean(values: jax.Array, segment_ids: jax.Array | None) -> jax.Array
     earlier -= jnp.take_along_axis(earlier, run_start[..., None, None], axis=1)
     position = position - run_start
   return earlier / jnp.maximum(position.astype(jnp.float32), 1.0)[..., None, None]
-
-
-def _check_segments(segment_ids, shape: tuple[int, int]) -> None:
-  if segment_ids is not None and getattr(segment_ids, "shape", None) != shape:
-    raise ValueError(f"segment_ids must be [B, T] = {shape}, got segment_ids.shape={getattr(segment_ids, 'shape', None)}")
-  if segment_ids is not None and not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-    raise TypeError(f"segment_ids must hold integers, got segment_ids.dtype={segment_ids.dtype}")
 
 
 def unit_vectors(x: jax.Array) -> jax.Array:
@@ -99,7 +92,8 @@ def centered_buckets(
   takes the float32 projection at `jax.default_matmul_precision`, as XLA's product does.
   """
   _check_lsh_args(x, rotations)
-  _check_segments(segment_ids, x.shape[:2])
+  if segment_ids is not None:
+    api.check_segment_ids("segment_ids", segment_ids, x.shape[:2])
   implementation = api._resolve_implementation(implementation, x)
   if implementation != "xla":
     from scfa_jax import triton_backend  # noqa: PLC0415

@@ -249,11 +249,7 @@ class SparseCausalSelfAttention(nnx.Module):
     positions: int [T] or [B, T] for the rotary embedding (rope_base); None: 0 .. T-1.
     """
     if segment_ids is not None:
-      if getattr(segment_ids, "shape", None) != x.shape[:2]:
-        shape = getattr(segment_ids, "shape", None)
-        raise ValueError(f"segment_ids must be [B, T] = {x.shape[:2]}, got segment_ids.shape={shape}")
-      if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-        raise TypeError(f"segment_ids must hold integers, got segment_ids.dtype={segment_ids.dtype}")
+      api.check_segment_ids("segment_ids", segment_ids, x.shape[:2])
     q, k, v = self._project(x, jnp.arange(x.shape[1]) if positions is None else positions)
     if self.mode == "dense":
       out = self._dense(q, k, v, segment_ids)

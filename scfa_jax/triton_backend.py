@@ -522,6 +522,8 @@ def centered_buckets(implementation, x, rotations, segment_ids, out_dtype, tiles
   """
   b, t, n, h = x.shape
   r = rotations.shape[-1]
+  if t == 0:  # no tile to launch
+    return jnp.zeros((b, 0, n), out_dtype)
   tiles = tiles or _LSH_TILES[implementation]
   num_tiles = -(-t // tiles.block_t)
   segments = segment_ids is not None

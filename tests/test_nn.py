@@ -137,7 +137,7 @@ def test_centered_buckets_equal_hashing_the_centered_vectors():
                                 lsh.lsh_buckets(lsh.causal_center(x, jnp.broadcast_to(segments, (2, 300))), rotations))
   np.testing.assert_array_equal(lsh.centered_buckets(x[:, 150:], rotations), lsh.centered_buckets(
       x, rotations, jnp.broadcast_to(segments, (2, 300)))[:, 150:])
-  with pytest.raises(ValueError, match="segment_ids must be"):
+  with pytest.raises(ValueError, match=r"segment_ids must have shape \[B, T\]"):
     lsh.centered_buckets(x, rotations, segments[:, :10])
 
 
@@ -335,7 +335,7 @@ def test_packed_documents_equal_separate_calls(mode):
   np.testing.assert_allclose(packed[:, :18], alone, atol=2e-6, rtol=2e-5)
   assert np.all(np.asarray(packed[:, 18:]) == 0.0)
   assert not np.allclose(run(layer, x)[:, 9:18], alone[:, 9:])  # without segments, documents mix
-  with pytest.raises(ValueError, match=r"segment_ids must be \[B, T\]"):
+  with pytest.raises(ValueError, match=r"segment_ids must have shape \[B, T\]"):
     layer(x, segment_ids=seg[:, :5], rngs=key)
   with pytest.raises(TypeError, match="segment_ids must hold integers"):
     layer(x, segment_ids=seg.astype(jnp.float32), rngs=key)
