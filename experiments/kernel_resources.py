@@ -91,7 +91,7 @@ def kernel_rows(spec: str, head_dim: int, hashed: bool, maxnreg: dict | None = N
   base = dict(
       QK_SCALE=0.18,  # about 0.125 * log2(e); its value does not change the resources
       N=48, K=kv_heads, H=head_dim, HASHED=hashed, STRICT=False, CHECK_PADS=False, PRECISION="tf32", ALIGNED=True,
-      WIDE=False, **tiles.switches,
+      WIDE=False, ROW_RANGES=tiles.row_ranges, **tiles.switches,
   )  # fmt: skip
   fwd_launch = (tiles.num_warps, tiles.num_stages, dict(SCALE_AFTER_MAX=True))  # a positive scale
   bwd_launch = (tiles.bwd_num_warps, tiles.bwd_num_stages, dict(SM_SCALE=0.125))

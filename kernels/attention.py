@@ -12,7 +12,9 @@ group, accumulating in registers. Per-slot vectors (q_idx, k_idx, hashes, lse, d
 head-major [B, N, LQ] / [B, K, LK] in sorted order, one slot per row: the slot counts LQ
 and LK equal the row counts T and S, and only they are declared multiples of 16 (ALIGNED).
 Slots past the end read no row. Lengths are runtime scalars, so one compiled kernel serves
-every length.
+every length. With ROW_RANGES (ordered tokens) the idx and hash pointers of the program's
+own side carry instead each own slot's range [lo, hi) of other-side slots (per query head
+for the key side), and a masked tile compares slot numbers: no load in the loop.
 
 Each program walks the contiguous tile range `[start, end)` that the tile plan gives
 it; only tiles outside the plan's full sub-range `[full_start, full_end)` pay for mask
@@ -117,12 +119,30 @@ def _token_keys(idx_ptr, hash_ptr, slot, in_bounds, PAD: tl.constexpr, HASHED: t
 
 
 @triton.jit
+def _own_keys(idx_ptr, hash_ptr, slot, in_bounds, PAD: tl.constexpr, HASHED: tl.constexpr,
+              ROW_RANGES: tl.constexpr):  # fmt: skip
+  """What the mask needs of the program's own slots: with ROW_RANGES the range
+  [lo, hi) of other-side slots each may pair with (empty past the end), else
+  `_token_keys`."""
+  if ROW_RANGES:
+    lo = tl.load(idx_ptr + slot, mask=in_bounds, other=0)
+    hi = tl.load(hash_ptr + slot, mask=in_bounds, other=0)
+    return lo, hi
+  else:
+    return _token_keys(idx_ptr, hash_ptr, slot, in_bounds, PAD, HASHED)
+
+
+@triton.jit
 def _masked(x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
             QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr,
-            CHECK_PADS: tl.constexpr):  # fmt: skip
+            CHECK_PADS: tl.constexpr, ROW_RANGES: tl.constexpr):  # fmt: skip
   """x with disallowed pairs set to `fill`. The rows of x are the program's own tokens
-  (queries if QUERY_ROWS, else keys); its columns are the streamed tile's, at `slot`."""
-  if QUERY_ROWS:
+  (queries if QUERY_ROWS, else keys); its columns are the streamed tile's, at `slot`.
+  With ROW_RANGES own_idx and own_hash are each own slot's range [lo, hi) of streamed
+  slots (`_own_keys`): a comparison of slot numbers, with no load."""
+  if ROW_RANGES:
+    allowed = (slot[None, :] >= own_idx[:, None]) & (slot[None, :] < own_hash[:, None])
+  elif QUERY_ROWS:
     k_idx, k_hash = _token_keys(other_idx_ptr, other_hash_ptr, slot, in_bounds, K_PAD, HASHED)
     allowed = _allowed(own_idx[:, None], k_idx[None, :], own_hash[:, None], k_hash[None, :], HASHED, STRICT, CHECK_PADS)
   else:
@@ -134,7 +154,7 @@ def _masked(x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_
 @triton.jit
 def _mask_tile(x, fill, tile, full_lo, full_hi, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
                QUERY_ROWS: tl.constexpr, HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr,
-               MASKED: tl.constexpr, BRANCH: tl.constexpr):  # fmt: skip
+               ROW_RANGES: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr):  # fmt: skip
   """The in-tile mask where the plan asks for it: every tile of a masked loop, or with
   BRANCH (one loop over the whole range) the tiles outside [full_lo, full_hi)."""
   if MASKED:
@@ -142,12 +162,12 @@ def _mask_tile(x, fill, tile, full_lo, full_hi, own_idx, own_hash, other_idx_ptr
       if (tile < full_lo) | (tile >= full_hi):
         x = _masked(
             x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
-            QUERY_ROWS, HASHED, STRICT, CHECK_PADS,
+            QUERY_ROWS, HASHED, STRICT, CHECK_PADS, ROW_RANGES,
         )  # fmt: skip
     else:
       x = _masked(
           x, fill, own_idx, own_hash, other_idx_ptr, other_hash_ptr, slot, in_bounds,
-          QUERY_ROWS, HASHED, STRICT, CHECK_PADS,
+          QUERY_ROWS, HASHED, STRICT, CHECK_PADS, ROW_RANGES,
       )  # fmt: skip
   return x
 
@@ -198,9 +218,9 @@ def _fwd_tiles(
     acc, m_i, l_i, q, q_idx, q_hash,
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, kv, S, LK, lo, hi, full_lo, full_hi,
     QK_SCALE: tl.constexpr, K: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, ROW_RANGES: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr, MASKED: tl.constexpr,
+    BRANCH: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
   k_offset, k_valid = _tile_rows(k_perm_ptr, lo, LK, b, kv, S, BLOCK_N, K, H, WIDE)
   for j in range(lo, hi):
@@ -216,7 +236,7 @@ def _fwd_tiles(
       s = s * QK_SCALE
     s = _mask_tile(
         s, float("-inf"), j, full_lo, full_hi, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds,
-        True, HASHED, STRICT, CHECK_PADS, MASKED, BRANCH,
+        True, HASHED, STRICT, CHECK_PADS, ROW_RANGES, MASKED, BRANCH,
     )  # fmt: skip
     if SCALE_AFTER_MAX:  # max(c s) = c max(s) for c > 0: one multiply per row, not per score
       m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
@@ -241,9 +261,9 @@ def scfa_fwd(
     o_ptr, lse_ptr,
     QK_SCALE: tl.constexpr, N: tl.constexpr, K: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, ROW_RANGES: tl.constexpr,
+    PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, PREFETCH: tl.constexpr, SCALE_AFTER_MAX: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * query head): O and lse for BLOCK_M sorted query slots."""
   LQ = _multiple_of_16(LQ, ALIGNED)
@@ -258,7 +278,7 @@ def scfa_fwd(
   q_offset, q_valid = _row_offsets(q_perm_ptr + bh * LQ, slot, in_bounds, b, n, T, N, H, WIDE)
   tile = bh * tl.num_programs(0) + pid_m
   q = _load_rows(q_ptr, q_offset, _rows_to_read(q_valid, start_n_ptr, end_n_ptr, tile, 0, 1, SKIP_EMPTY), H)
-  q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
+  q_idx, q_hash = _own_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED, ROW_RANGES)
 
   m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -270,7 +290,7 @@ def scfa_fwd(
           acc, m_i, l_i, q, q_idx, q_hash,
           k_ptr, v_ptr, k_perm_ptr + kv_bh * LK, k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK,
           b, kv_bh % K, S, LK, lo, hi, full_lo, full_hi, QK_SCALE, K, H, BLOCK_N, HASHED, STRICT, CHECK_PADS,
-          PRECISION, WIDE, SCALE_AFTER_MAX, part != 1, ONE_LOOP, PREFETCH,
+          ROW_RANGES, PRECISION, WIDE, SCALE_AFTER_MAX, part != 1, ONE_LOOP, PREFETCH,
       )  # fmt: skip
 
   has_key = l_i > 0.0
@@ -285,8 +305,9 @@ def _dkdv_tiles(
     dk, dv, k, v, k_idx, k_hash,
     q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr, b, n, T, LQ, lo, hi, full_lo, full_hi,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr, PREFETCH: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, ROW_RANGES: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
   q_offset, q_valid = _tile_rows(q_perm_ptr, lo, LQ, b, n, T, BLOCK_M, N, H, WIDE)
   for i in range(lo, hi):
@@ -304,7 +325,7 @@ def _dkdv_tiles(
     p_t = tl.math.exp2(s_t - lse[None, :])
     p_t = _mask_tile(
         p_t, 0.0, i, full_lo, full_hi, k_idx, k_hash, q_idx_ptr, q_hash_ptr, slot, in_bounds,
-        False, HASHED, STRICT, CHECK_PADS, MASKED, BRANCH,
+        False, HASHED, STRICT, CHECK_PADS, ROW_RANGES, MASKED, BRANCH,
     )  # fmt: skip
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -320,8 +341,8 @@ def _dkdv_head(
     q_ptr, do_ptr, q_perm_ptr, q_idx_ptr, q_hash_ptr, lse_ptr, delta_ptr,
     start_m_ptr, end_m_ptr, full_start_m_ptr, full_end_m_ptr, T, LQ,
     QK_SCALE: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, ONE_LOOP: tl.constexpr, PREFETCH: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, ROW_RANGES: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE: tl.constexpr, ONE_LOOP: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
   """dK and dV of a key tile plus what the queries of query head bh (b * N + n) add to them:
   the query-tile range at `tile` of the plan's key view."""
@@ -332,8 +353,8 @@ def _dkdv_head(
           dk, dv, k, v, k_idx, k_hash,
           q_ptr, do_ptr, q_perm_ptr + bh * LQ, q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, lse_ptr + bh * LQ,
           delta_ptr + bh * LQ, bh // N, bh % N, T, LQ,
-          lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE,
-          part != 1, ONE_LOOP, PREFETCH,
+          lo, hi, full_lo, full_hi, QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, ROW_RANGES, PRECISION,
+          WIDE, part != 1, ONE_LOOP, PREFETCH,
       )  # fmt: skip
   return dk, dv
 
@@ -345,9 +366,9 @@ def scfa_bwd_dkdv(
     dk_ptr, dv_ptr,
     SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, ROW_RANGES: tl.constexpr,
+    PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
   """One program per (key tile, batch * kv head): dK and dV of BLOCK_N sorted key slots.
 
@@ -371,7 +392,8 @@ def scfa_bwd_dkdv(
   k_read = _rows_to_read(k_valid, start_m_ptr, end_m_ptr, first_tile, num_tiles, GROUP, SKIP_EMPTY)
   k = _load_rows(k_ptr, k_offset, k_read, H)
   v = _load_rows(v_ptr, k_offset, k_read, H)
-  k_idx, k_hash = _token_keys(k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK, slot, in_bounds, K_PAD, HASHED)
+  # With ROW_RANGES the ranges are per query head, [B, N, LK]: a group's heads load their own below.
+  k_idx, k_hash = _own_keys(k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK, slot, in_bounds, K_PAD, HASHED, ROW_RANGES)
 
   dk = tl.zeros([BLOCK_N, H], tl.float32)
   dv = tl.zeros([BLOCK_N, H], tl.float32)
@@ -382,13 +404,16 @@ def scfa_bwd_dkdv(
   if GROUP == 1:  # no loop around the tile loops: the kernel without groups, as tuned
     dk, dv = _dkdv_head(
         dk, dv, k, v, k_idx, k_hash, kv_bh, first_tile, *head,
-        QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, ONE_LOOP, PREFETCH,
+        QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, ROW_RANGES, PRECISION, WIDE, ONE_LOOP, PREFETCH,
     )  # fmt: skip
   else:
     for g in range(GROUP):
+      bh = kv_bh * GROUP + g
+      if ROW_RANGES:
+        k_idx, k_hash = _own_keys(k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, slot, in_bounds, K_PAD, HASHED, True)
       dk, dv = _dkdv_head(
-          dk, dv, k, v, k_idx, k_hash, kv_bh * GROUP + g, first_tile + g * num_tiles, *head,
-          QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, PRECISION, WIDE, ONE_LOOP, PREFETCH,
+          dk, dv, k, v, k_idx, k_hash, bh, first_tile + g * num_tiles, *head,
+          QK_SCALE, N, H, BLOCK_M, HASHED, STRICT, CHECK_PADS, ROW_RANGES, PRECISION, WIDE, ONE_LOOP, PREFETCH,
       )  # fmt: skip
 
   offsets = k_offset[:, None] + tl.arange(0, H)[None, :]
@@ -401,8 +426,9 @@ def _dq_tiles(
     dq, q, do, lse, delta, q_idx, q_hash,
     k_ptr, v_ptr, k_perm_ptr, k_idx_ptr, k_hash_ptr, b, kv, S, LK, lo, hi, full_lo, full_hi,
     QK_SCALE: tl.constexpr, K: tl.constexpr, H: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr, PREFETCH: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, ROW_RANGES: tl.constexpr,
+    PRECISION: tl.constexpr, WIDE: tl.constexpr, MASKED: tl.constexpr, BRANCH: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
   k_offset, k_valid = _tile_rows(k_perm_ptr, lo, LK, b, kv, S, BLOCK_N, K, H, WIDE)
   for j in range(lo, hi):
@@ -417,7 +443,7 @@ def _dq_tiles(
     p = tl.math.exp2(s - lse[:, None])
     p = _mask_tile(
         p, 0.0, j, full_lo, full_hi, q_idx, q_hash, k_idx_ptr, k_hash_ptr, slot, in_bounds,
-        True, HASHED, STRICT, CHECK_PADS, MASKED, BRANCH,
+        True, HASHED, STRICT, CHECK_PADS, ROW_RANGES, MASKED, BRANCH,
     )  # fmt: skip
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
@@ -433,9 +459,9 @@ def scfa_bwd_dq(
     dq_ptr, delta_ptr,
     SM_SCALE: tl.constexpr, QK_SCALE: tl.constexpr, N: tl.constexpr, K: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, PRECISION: tl.constexpr,
-    ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    HASHED: tl.constexpr, STRICT: tl.constexpr, CHECK_PADS: tl.constexpr, ROW_RANGES: tl.constexpr,
+    PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
   """One program per (query tile, batch * query head): dQ of BLOCK_M sorted query slots.
 
@@ -459,7 +485,7 @@ def scfa_bwd_dq(
   delta = tl.sum(do.to(tl.float32) * _load_rows(o_ptr, q_offset, q_read, H).to(tl.float32), 1)
   tl.store(delta_ptr + bh * LQ + slot, delta, mask=in_bounds)
   lse = tl.load(lse_ptr + bh * LQ + slot, mask=in_bounds, other=float("inf"))
-  q_idx, q_hash = _token_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED)
+  q_idx, q_hash = _own_keys(q_idx_ptr + bh * LQ, q_hash_ptr + bh * LQ, slot, in_bounds, -1, HASHED, ROW_RANGES)
 
   dq = tl.zeros([BLOCK_M, H], tl.float32)
   for part in tl.static_range(3 - 2 * ONE_LOOP):
@@ -469,7 +495,7 @@ def scfa_bwd_dq(
           dq, q, do, lse, delta, q_idx, q_hash,
           k_ptr, v_ptr, k_perm_ptr + kv_bh * LK, k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK,
           b, kv_bh % K, S, LK, lo, hi, full_lo, full_hi, QK_SCALE, K, H, BLOCK_N, HASHED, STRICT, CHECK_PADS,
-          PRECISION, WIDE, part != 1, ONE_LOOP, PREFETCH,
+          ROW_RANGES, PRECISION, WIDE, part != 1, ONE_LOOP, PREFETCH,
       )  # fmt: skip
   offsets = q_offset[:, None] + tl.arange(0, H)[None, :]
   tl.store(dq_ptr + offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty), mask=q_valid[:, None])

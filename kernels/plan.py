@@ -61,13 +61,18 @@ def scfa_plan(
     start_ptr, end_ptr, full_start_ptr, full_end_ptr,
     BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr, QUERY_MAJOR: tl.constexpr, STRICT: tl.constexpr,
     HASHED: tl.constexpr, TILES: tl.constexpr, LOG_LENGTH: tl.constexpr, GROUP: tl.constexpr,
+    SHARED: tl.constexpr,
 ):  # fmt: skip
   """One program per (TILES tiles of BLOCK own slots, batch * query head): each tile's range
   of OTHER_BLOCK tiles on the other side, and its full sub-range (empty at the start when
   none). "Own" is the query side when QUERY_MAJOR, else the key side; slot arrays are
   [B, N, LENGTH] for queries and [B, K, LENGTH] for keys, K = N // GROUP: query head n is
   paired with kv head n // GROUP. The outputs are [B, N, cdiv(OWN_LENGTH, BLOCK)], one plan
-  per query head in both views."""
+  per query head in both views.
+
+  BLOCK = OTHER_BLOCK = 1 gives row ranges, each slot's run of other-side slots. SHARED (row
+  ranges of one sequence on both sides, `SortedTokens.shared`) bounds each run by the row's
+  own slot, where other tokens take a second search."""
   bh = tl.program_id(1)
   kv_bh = bh // GROUP  # b * K + the kv head of query head n, as bh = b * N + n
   own_bh, other_bh = (bh, kv_bh) if QUERY_MAJOR else (kv_bh, bh)
@@ -103,12 +108,22 @@ def scfa_plan(
   else:  # the first key's first query, the last key's first query, the last key's bucket end
     lo_idx, full_idx, hi_idx = first_idx, last_idx, tl.full([TILES], _BIG, tl.int32)
   # Queries attend the key at their own position unless STRICT: an inclusive key search.
-  lo = _count_before(other_hash_ptr, other_idx_ptr, other_count, first_hash, lo_idx, QUERY_MAJOR != STRICT,
-                     HASHED, LOG_LENGTH)  # fmt: skip
-  bound = _count_before(other_hash_ptr, other_idx_ptr, other_count, first_hash, full_idx, QUERY_MAJOR != STRICT,
-                        HASHED, LOG_LENGTH)  # fmt: skip
-  hi = _count_before(other_hash_ptr, other_idx_ptr, other_count, last_hash, hi_idx, QUERY_MAJOR != STRICT,
-                     HASHED, LOG_LENGTH)  # fmt: skip
+  own = first + 1 if QUERY_MAJOR != STRICT else first  # of one sequence: the other side's bound at this slot
+  if SHARED and not QUERY_MAJOR:
+    lo = own
+  else:
+    lo = _count_before(other_hash_ptr, other_idx_ptr, other_count, first_hash, lo_idx, QUERY_MAJOR != STRICT,
+                       HASHED, LOG_LENGTH)  # fmt: skip
+  if SHARED and QUERY_MAJOR:
+    hi = own
+  else:
+    hi = _count_before(other_hash_ptr, other_idx_ptr, other_count, last_hash, hi_idx, QUERY_MAJOR != STRICT,
+                       HASHED, LOG_LENGTH)  # fmt: skip
+  if BLOCK == 1:  # one token: the full bound is its own run's (row ranges)
+    bound = hi if QUERY_MAJOR else lo
+  else:
+    bound = _count_before(other_hash_ptr, other_idx_ptr, other_count, first_hash, full_idx, QUERY_MAJOR != STRICT,
+                          HASHED, LOG_LENGTH)  # fmt: skip
   if QUERY_MAJOR:
     full_lo, full_hi = lo, bound
   else:

@@ -49,6 +49,9 @@ class SortedTokens:
       nondecreasing (hash, idx) order and padding follows (`by_bucket`, `by_keep_mask`),
       which lets the tile plan use binary searches. False for a caller's order
       (`presorted`).
+    shared: static; True when the two sides are one sorted sequence, by construction: ordered
+      tokens from one sort of one key array (shared-QK buckets, one keep mask), so query
+      slot i and key slot i hold the same token (their pads differ only in Q_PAD and K_PAD).
   """
 
   q_perm: jax.Array
@@ -58,6 +61,7 @@ class SortedTokens:
   q_hash: jax.Array | None = None
   k_hash: jax.Array | None = None
   ordered: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  shared: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
   def hashed(self) -> bool:
@@ -126,7 +130,7 @@ def _with_pads(q_key, k_key) -> SortedTokens:
   (q_perm, q_hash), (k_perm, k_hash) = _stable_sort_both(q_key, k_key)
   q_idx = jnp.where(q_hash == PAD_KEY, Q_PAD, q_perm)
   k_idx = jnp.where(k_hash == PAD_KEY, K_PAD, k_perm)
-  return SortedTokens(q_perm, k_perm, q_idx, k_idx, q_hash, k_hash, ordered=True)
+  return SortedTokens(q_perm, k_perm, q_idx, k_idx, q_hash, k_hash, ordered=True, shared=q_key is k_key)
 
 
 def _fold_group(x: jax.Array, group: int) -> jax.Array:
@@ -193,8 +197,9 @@ def by_bucket(
     return _with_pads(*_bucket_segment_keys(q_buckets, k_buckets, q_segment_ids, k_segment_ids))
   (q_perm, q_hash), (k_perm, k_hash) = _stable_sort_both(q_buckets, k_buckets)
   return SortedTokens(
-      q_perm, k_perm, q_perm, k_perm, q_hash.astype(jnp.int32), k_hash.astype(jnp.int32), ordered=True
-  )
+      q_perm, k_perm, q_perm, k_perm, q_hash.astype(jnp.int32), k_hash.astype(jnp.int32), ordered=True,
+      shared=k_buckets is q_buckets,
+  )  # fmt: skip
 
 
 def by_keep_mask(
@@ -222,7 +227,7 @@ def by_keep_mask(
   (q_perm, q_dropped), (k_perm, k_dropped) = _stable_sort_both(q_dropped, k_dropped)
   q_idx = jnp.where(q_dropped == 0, q_perm, Q_PAD)
   k_idx = jnp.where(k_dropped == 0, k_perm, K_PAD)
-  return SortedTokens(q_perm, k_perm, q_idx, k_idx, ordered=True)
+  return SortedTokens(q_perm, k_perm, q_idx, k_idx, ordered=True, shared=k_keep is q_keep)
 
 
 def presorted(

@@ -55,6 +55,10 @@ class KernelConfig:
   # the gathered rows' copies num_stages - 1 tiles ahead; False: read in the same step, which
   # leaves no copy in flight across a step (Nsight Compute, results/ncu_h200_16k_hash64_source.json).
   prefetch_rows: bool = True
+  # Ordered tokens: masked tiles compare slot numbers with each own row's range of slots on the
+  # other side (`RowRanges`, two more plan launches per call), not the streamed tile's idx and
+  # hash, whose loads wait in the loop (docs/design.md, "Masks from row ranges").
+  row_ranges: bool = False
 
   @property
   def kernel_tiles(self) -> dict[str, tuple[tuple[int, int], str]]:
@@ -97,8 +101,13 @@ _QK_CONFIG = KernelConfig(
 # Skipping the reads of empty tiles cut QK mode's GPU time (drop-70 -2.4% at T=16384, -6.5% at
 # 4096; drop-90 -11 to -14%; all kept unchanged), but slowed the hash dQ kernel by 13% (hash-64,
 # every length): hash tiles are rarely empty, and its short programs wait on the plan first.
+# Row ranges: a third of hash tiles are masked, and the kernels ran 6-9% faster with them (H100,
+# hash 16 at T=8192: 0.687 -> 0.644 ms at the model's B=4, N=12, 2.41 -> 2.21 at N=48), against
+# 0.023 ms for the ranges at N=12; QK ranges are long and rarely masked: drop-50's kernels -1%,
+# less than their ranges cost (results/profile_h100_8k_model16_row_ranges.json and the files
+# docs/performance.md, "Masks from row ranges", names).
 _HASH_CONFIG = dataclasses.replace(
-    _QK_CONFIG, block_m=64, block_n=32, block_n1=64, one_loop=True, skip_empty_tiles=False
+    _QK_CONFIG, block_m=64, block_n=32, block_n1=64, one_loop=True, skip_empty_tiles=False, row_ranges=True
 )
 # Other head dims, timed at T=16384 with N*H = 3072 (results/profile_h200_16k_head_dims.json).
 # H=128 takes 4 warps everywhere, 64-row forward tiles and 64-key dK/dV tiles, and in QK mode
@@ -122,7 +131,9 @@ _GPU_CONFIGS = {
 # The interpreter runs every program in numpy: small tiles keep tests fast and still
 # give several tiles per head at test lengths; the loop structure follows the GPU's.
 _INTERPRET_CONFIGS = {
-    hashed: KernelConfig(block_m=16, block_n=16, block_m1=16, block_n1=32, block_m2=32, block_n2=16, one_loop=hashed)
+    hashed: KernelConfig(
+        block_m=16, block_n=16, block_m1=16, block_n1=32, block_m2=32, block_n2=16, one_loop=hashed, row_ranges=hashed
+    )
     for hashed in (False, True)
 }
 
@@ -354,7 +365,9 @@ def input_precision(dtype) -> str:
   return "tf32" if jax.config.jax_default_matmul_precision in _TF32_PRECISIONS else "ieee"
 
 
-def _call(config, q, k, tokens: SortedTokens) -> _Call:
+def _call(config, q, k, tokens: SortedTokens, rows: RowRanges | None = None) -> _Call:
+  """With `rows`, the masks compare slots with the row ranges, which take the places of the idx
+  and hash arrays: the query slots' in those of q_idx and q_hash, the key slots' in k's."""
   b, t, n, h = q.shape
   hashes = _hashes(tokens)
   meta = dict(
@@ -368,17 +381,52 @@ def _call(config, q, k, tokens: SortedTokens) -> _Call:
   meta["ALIGNED"] = all(x % 16 == 0 for x in lengths)
   meta |= tiles.switches
   indices = (tokens.q_perm, tokens.k_perm, tokens.q_idx, tokens.k_idx, *hashes)
+  meta["ROW_RANGES"] = rows is not None
+  if rows is not None:
+    either = lambda x, other: other if x is None else x  # a side not built is not read
+    indices = (
+        tokens.q_perm, tokens.k_perm, either(rows.q_lo, rows.k_lo), either(rows.k_lo, rows.q_lo),
+        either(rows.q_hi, rows.k_hi), either(rows.k_hi, rows.q_hi),
+    )  # fmt: skip
   return _Call(tiles, b * n, indices, lengths, meta)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class RowRanges:
+  """Of ordered tokens, per sorted slot the slots [lo, hi) of the other side it may pair
+  with: one run, as `plan.py`'s rules say (a plan of 1 x 1 tiles). q_lo, q_hi [B, N, LQ]:
+  each query slot's keys; k_lo, k_hi [B, N, LK]: each key slot's queries of each query
+  head. None where not built."""
+
+  q_lo: jax.Array | None
+  q_hi: jax.Array | None
+  k_lo: jax.Array | None
+  k_hi: jax.Array | None
+
+
+def row_ranges(implementation, tokens: SortedTokens, *, strict: bool, views: str) -> RowRanges:
+  """The row ranges of `views` ("q", "k" or "qk"): one plan kernel launch each."""
+  q_lo = q_hi = k_lo = k_hi = None
+  if "q" in views:
+    rows = plan_view(implementation, tokens, 1, 1, strict=strict, view="q")
+    q_lo, q_hi = rows.start_n, rows.end_n
+  if "k" in views:
+    rows = plan_view(implementation, tokens, 1, 1, strict=strict, view="k")
+    k_lo, k_hi = rows.start_m, rows.end_m
+  return RowRanges(q_lo, q_hi, k_lo, k_hi)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class Plans:
-  """The tile plans of the three kernels (each has its own tile shape); None where not built."""
+  """The tile plans of the three kernels (each has its own tile shape) and the row ranges
+  their masks read (`KernelConfig.row_ranges`, ordered tokens); None where not built."""
 
   fwd: plan_lib.TilePlan
   dkdv: plan_lib.TilePlan | None
   dq: plan_lib.TilePlan | None
+  rows: RowRanges | None = None
 
 
 _PLAN_TILES = 128  # tiles per plan program: one per thread of 4 warps
@@ -403,7 +451,7 @@ def plan_view(implementation, tokens: SortedTokens, block_q: int, block_k: int, 
       out_shapes=[jax.ShapeDtypeStruct((b, n, num_tiles), jnp.int32)] * 4, num_warps=4, num_stages=1,
       BLOCK=block, OTHER_BLOCK=other_block, QUERY_MAJOR=view == "q", STRICT=strict, HASHED=tokens.hashed,
       TILES=per_program, LOG_LENGTH=max(length, other_idx.shape[-1]).bit_length(),
-      GROUP=n // tokens.k_idx.shape[1],
+      GROUP=n // tokens.k_idx.shape[1], SHARED=tokens.shared and block_q == block_k == 1,
   )  # fmt: skip
   empty = (None,) * 4
   return plan_lib.TilePlan(
@@ -427,7 +475,10 @@ def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
       if (shape, view) not in built:  # the hash table's forward and dQ tiles coincide
         built[shape, view] = plan_view(config.implementation, tokens, *shape, strict=config.strict, view=view)
     plans = [built[shape, view] for shape, view in zip(shapes, views, strict=True)]
-  return Plans(*plans) if backward else Plans(plans[0], None, None)
+  rows = None
+  if tiles.row_ranges and tokens.ordered:
+    rows = row_ranges(config.implementation, tokens, strict=config.strict, views="qk" if backward else "q")
+  return Plans(*plans, rows=rows) if backward else Plans(plans[0], None, None, rows=rows)
 
 
 @jax.tree_util.register_dataclass
@@ -440,9 +491,9 @@ class Residuals:
   lse: jax.Array
 
 
-def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan):
+def fwd_kernel(config, q, k, v, tokens: SortedTokens, plan: plan_lib.TilePlan, rows: RowRanges | None = None):
   """O [B, T, N, H] at original rows and the base-2 lse [B, N, LQ] of each sorted query slot."""
-  c = _call(config, q, k, tokens)
+  c = _call(config, q, k, tokens, rows)
   b, n, t = tokens.q_perm.shape
   return _launch(
       config.implementation, _kernels().scfa_fwd, name="scfa_fwd", grid=(plan.num_q_tiles, c.bn),
@@ -463,9 +514,9 @@ def _bwd_launch(config, c: _Call, kernel, plan_ranges, *, name, grid, operands, 
   )  # fmt: skip
 
 
-def dq_kernel(config, q, k, v, tokens, o, lse, do, plan: plan_lib.TilePlan):
+def dq_kernel(config, q, k, v, tokens, o, lse, do, plan: plan_lib.TilePlan, rows: RowRanges | None = None):
   """dQ [B, T, N, H] at original rows, and delta = rowsum(dO * O) [B, N, LQ] per sorted slot."""
-  c = _call(config, q, k, tokens)
+  c = _call(config, q, k, tokens, rows)
   b, n, t = tokens.q_perm.shape
   return _bwd_launch(
       config, c, _kernels().scfa_bwd_dq, (plan.start_n, plan.end_n, plan.full_start_n, plan.full_end_n),
@@ -475,10 +526,10 @@ def dq_kernel(config, q, k, v, tokens, o, lse, do, plan: plan_lib.TilePlan):
   )  # fmt: skip
 
 
-def dkdv_kernel(config, q, k, v, tokens, lse, delta, do, plan: plan_lib.TilePlan):
+def dkdv_kernel(config, q, k, v, tokens, lse, delta, do, plan: plan_lib.TilePlan, rows: RowRanges | None = None):
   """dK, dV [B, S, K, H] at original rows; one program per key tile of a kv head, summing
   over the query heads of its group."""
-  c = _call(config, q, k, tokens)
+  c = _call(config, q, k, tokens, rows)
   return _bwd_launch(
       config, c, _kernels().scfa_bwd_dkdv, (plan.start_m, plan.end_m, plan.full_start_m, plan.full_end_m),
       name="scfa_bwd_dkdv", grid=(plan.num_k_tiles, k.shape[0] * k.shape[2]),  # batch * kv heads
@@ -491,14 +542,14 @@ def dkdv_kernel(config, q, k, v, tokens, lse, delta, do, plan: plan_lib.TilePlan
 def forward(config, q, k, v, tokens: SortedTokens, *, differentiating: bool = False):
   """O [B, T, N, H] and the `Residuals`; the backward's plans are built only when `differentiating`."""
   plans = make_plans(config, q, tokens, backward=differentiating)
-  o, lse = fwd_kernel(config, q, k, v, tokens, plans.fwd)
+  o, lse = fwd_kernel(config, q, k, v, tokens, plans.fwd, plans.rows)
   return o, Residuals(plans, lse)
 
 
 def backward(config, q, k, v, tokens: SortedTokens, o, residuals: Residuals, do):
   plans = residuals.plans
-  dq, delta = dq_kernel(config, q, k, v, tokens, o, residuals.lse, do, plans.dq)
-  dk, dv = dkdv_kernel(config, q, k, v, tokens, residuals.lse, delta, do, plans.dkdv)
+  dq, delta = dq_kernel(config, q, k, v, tokens, o, residuals.lse, do, plans.dq, plans.rows)
+  dk, dv = dkdv_kernel(config, q, k, v, tokens, residuals.lse, delta, do, plans.dkdv, plans.rows)
   return dq, dk, dv
 
 

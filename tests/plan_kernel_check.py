@@ -55,6 +55,10 @@ def plan_kernel_cases(long: int):
       # The first case's shapes, so that its jnp plans are compiled once.
       sorting.by_bucket(buckets(2, 100, 14).astype(jnp.uint8), buckets(2, 83, 14).astype(jnp.uint8),
                         segments(2, 100), segments(2, 83)),  # fmt: skip
+      # One sequence on both sides (`shared`: one sort of one array), with and without documents.
+      *[sorting.by_bucket(x, x) for x in [buckets(2, 100, 14)]],
+      *[sorting.by_bucket(x, x, ids, ids) for x, ids in [(buckets(2, 100, 14).astype(jnp.uint8), segments(2, 100))]],
+      *[sorting.by_keep_mask(x, x) for x in [keep(2, 90, 12)]],
   ]
 
 

@@ -59,7 +59,7 @@ def test_every_switch_takes_both_values_in_the_tile_table():
 
   entries = [*triton_backend._GPU_CONFIGS.values(), *triton_backend._INTERPRET_CONFIGS.values()]
   switches = [f.name for f in dataclasses.fields(triton_backend.KernelConfig) if f.type in (bool, "bool")]
-  assert switches == ["one_loop", "skip_empty_tiles", "prefetch_rows"]
+  assert switches == ["one_loop", "skip_empty_tiles", "prefetch_rows", "row_ranges"]
   for name in switches:
     assert {getattr(entry, name) for entry in entries} == {False, True}, name
 

@@ -188,7 +188,7 @@ def test_plan_kernel_matches_the_jnp_plan(strict):
   """kernels/plan.py as the GPU compiles it, at the tile table's shapes and a long side
   (several programs per head)."""
   for tokens in plan_kernel_cases(long=20000):
-    check_plan_kernel("triton", tokens, [(64, 32), (32, 64), (128, 64), (32, 128), (16, 16)], strict)
+    check_plan_kernel("triton", tokens, [(64, 32), (32, 64), (128, 64), (32, 128), (16, 16), (1, 1)], strict)
 
 
 @pytest.mark.parametrize("documents", [False, True])

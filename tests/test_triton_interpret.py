@@ -73,14 +73,14 @@ def test_any_scale_sign(scale):
   )  # fmt: skip
 
 
-def _with_table_fields(q, k, v, tokens, cotangent, table, **fields):
+def _with_table_fields(q, k, v, tokens, cotangent, table, strict=False, **fields):
   """O, dQ, dK, dV through the kernels, with `table`'s KernelConfig fields replaced by `fields`."""
   import dataclasses  # noqa: PLC0415
 
   from scfa_jax import core  # noqa: PLC0415
 
   kernel = dataclasses.replace(table, **fields)
-  config = core.AttentionConfig(implementation=IMPL, strict=False, scale=H**-0.5, kernel=kernel)
+  config = core.AttentionConfig(implementation=IMPL, strict=strict, scale=H**-0.5, kernel=kernel)
   out, vjp = jax.vjp(lambda q, k, v: core.attention(q, k, v, tokens, config), q, k, v)
   return [np.asarray(x) for x in (out, *vjp(cotangent))]
 
@@ -123,6 +123,43 @@ def test_row_addressing_changes_no_bit(hashed, monkeypatch):
 
   monkeypatch.setattr(triton_backend, "_call", wide)
   for got, want in zip(run(), default, strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "case", ["hash_shared", "hash_shared_documents", "hash", "hash_grouped", "qk_shared", "qk_grouped"]
+)
+@pytest.mark.parametrize("strict", [False, True])
+def test_row_ranges_change_no_bit(case, strict):
+  """Masks from row ranges (each own slot's run of allowed slots: jnp scans for shared tokens,
+  the plan kernel's 1 x 1 tiles otherwise) and from the streamed tile's idx and hash give the
+  same outputs and gradients, bit for bit, grouped-query heads and documents included."""
+  from scfa_jax import sorting, triton_backend  # noqa: PLC0415
+
+  key = jax.random.PRNGKey(21)
+  b, t, n = 2, 83, 4
+  kv_heads = 2 if case.endswith("grouped") else n
+  q, k, v = _qkv(key, b, t, t, n, H)
+  k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
+  rng = np.random.default_rng(5)
+  draw = lambda heads: jnp.asarray(rng.integers(0, 3, (b, t, heads)), jnp.uint8)
+  keep = lambda heads: jnp.asarray(rng.random((b, t, heads)) < 0.7)
+  segments = jnp.asarray(np.repeat([[0, 1, 2, -1]], [30, 40, 10, 3], axis=1).repeat(b, 0), jnp.int32)
+  q_buckets, q_keep = draw(n), keep(n)
+  tokens = {
+      "hash_shared": lambda: sorting.by_bucket(q_buckets, q_buckets),
+      "hash_shared_documents": lambda: sorting.by_bucket(q_buckets, q_buckets, segments, segments),
+      "hash": lambda: sorting.by_bucket(q_buckets, draw(n)),
+      "hash_grouped": lambda: sorting.by_bucket(q_buckets, draw(kv_heads)),
+      "qk_shared": lambda: sorting.by_keep_mask(q_keep, q_keep),
+      "qk_grouped": lambda: sorting.by_keep_mask(q_keep, keep(kv_heads)),
+  }[case]()
+  assert tokens.shared == ("shared" in case)
+  table = triton_backend.kernel_config(IMPL, H, tokens.hashed, kv_heads < n)
+  run = functools.partial(_with_table_fields, q, k, v, tokens, jax.random.normal(key, q.shape), table, strict)
+  with_ranges = run(row_ranges=True)
+  assert np.abs(with_ranges[1]).max() > 0
+  for got, want in zip(with_ranges, run(row_ranges=False), strict=True):
     np.testing.assert_array_equal(got, want)
 
 
@@ -269,11 +306,14 @@ def test_shard_map_over_the_batch_axis():
 
 @pytest.mark.parametrize("strict", [False, True])
 def test_plan_kernel_matches_the_jnp_plan(strict):
-  """kernels/plan.py against plan.py's searches, exactly; unordered tokens are refused."""
+  """kernels/plan.py against plan.py's searches, exactly, tiles of one slot (row ranges) too; unordered
+  tokens are refused."""
   from scfa_jax import sorting, triton_backend  # noqa: PLC0415
 
-  for tokens in plan_kernel_cases(long=2100):
-    check_plan_kernel(IMPL, tokens, [(16, 32), (32, 16)], strict)
+  cases = plan_kernel_cases(long=2100)
+  assert any(tokens.shared for tokens in cases)
+  for tokens in cases:
+    check_plan_kernel(IMPL, tokens, [(16, 32), (32, 16), (1, 1)], strict)  # 1 x 1: row ranges
   presorted = sorting.presorted(jnp.zeros((1, 8, 1), jnp.int32), jnp.zeros((1, 8, 1), jnp.int32))
   with pytest.raises(ValueError, match="ordered tokens"):
     triton_backend.plan_view(IMPL, presorted, 16, 16, strict=strict, view="q")
