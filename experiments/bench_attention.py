@@ -112,12 +112,19 @@ def _segments(seg) -> dict:
   return dict(q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
 
 
+def key_masks(name, q_masks, k_masks):
+  """The key side's masks as a case passes them: for SHARED_STRICT cases the query array itself,
+  as the model's layer passes one bucket array, so that inside jit the tokens are sorted once
+  and are `shared` (jit's arguments are distinct arrays even when the caller's are one)."""
+  return q_masks if name in SHARED_STRICT else k_masks
+
+
 def case_function(name):
   """The public function of a case as fn(q, k, v, q_masks, k_masks) or, for packed documents,
   fn(q, k, v, q_masks, k_masks, q_segment_ids, k_segment_ids)."""
   if CASES[name][0] == "hash":
     return lambda q, k, v, qm, km, *seg: scfa_jax.hash_sparse_attention(
-        q, k, v, q_buckets=qm, k_buckets=km, strict=name in SHARED_STRICT, **_segments(seg)
+        q, k, v, q_buckets=qm, k_buckets=key_masks(name, qm, km), strict=name in SHARED_STRICT, **_segments(seg)
     )
   return lambda q, k, v, qm, km, *seg: scfa_jax.qk_sparse_attention(
       q, k, v, q_keep=qm, k_keep=km, **_segments(seg)

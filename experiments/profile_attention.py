@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
-from experiments.bench_attention import CASES, SHARED_STRICT, make_case, timings, versions  # noqa: E402
+from experiments.bench_attention import CASES, SHARED_STRICT, key_masks, make_case, timings, versions  # noqa: E402
 from scfa_jax import core, sorting, triton_backend  # noqa: E402
 
 
@@ -133,8 +133,9 @@ def timeline(fn, *args) -> dict:
   )
 
 
-def _sort(mode, q_masks, k_masks) -> sorting.SortedTokens:
-  return sorting.by_bucket(q_masks, k_masks) if mode == "hash" else sorting.by_keep_mask(q_masks, k_masks)
+def _sort(case, q_masks, k_masks) -> sorting.SortedTokens:
+  k_masks = key_masks(case, q_masks, k_masks)
+  return sorting.by_bucket(q_masks, k_masks) if CASES[case][0] == "hash" else sorting.by_keep_mask(q_masks, k_masks)
 
 
 def _rel(a, b):
@@ -154,7 +155,7 @@ def profile_case(case, q, k, v, t, rep_ms, variants, list_kernels=False, with_ti
     config = core.AttentionConfig(implementation="triton", strict=strict, scale=h**-0.5, kernel=tiles)
 
     def attention(q, k, v, qm, km, config=config):  # the public function with `tiles`
-      return core.attention(q, k, v, _sort(mode, qm, km), config)
+      return core.attention(q, k, v, _sort(case, qm, km), config)
 
     def fwd_bwd(q, k, v, do, qm, km, attention=attention):
       out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, qm, km), q, k, v)
@@ -177,7 +178,7 @@ def profile_case(case, q, k, v, t, rep_ms, variants, list_kernels=False, with_ti
       row["timeline_fwd_bwd"] = timeline(jax.jit(fwd_bwd), q, k, v, do, qm, km)
     if list_kernels:
       row["kernels_fwd_bwd"] = sorted(kernels, key=lambda x: -x[2])
-    tokens = jax.jit(functools.partial(_sort, mode))(qm, km)
+    tokens = jax.jit(functools.partial(_sort, case))(qm, km)
     plans = jax.jit(lambda tokens: triton_backend.make_plans(config, q, tokens, backward=True))
     row["gpu_plans_ms"] = gpu_ms(plans, tokens)["gpu_total"]  # all three kernels' plans
     plan = plans(tokens).fwd

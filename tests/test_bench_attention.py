@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scfa_jax import reference
+from scfa_jax import reference, sorting
 from tests.scripts import load_script
 
 bench = load_script("bench_attention.py")
@@ -28,5 +29,9 @@ def test_model16_shares_skewed_buckets_between_queries_and_keys_strictly():
   expected = reference.hash_sparse_attention(q, q, q, q_buckets=ids, k_buckets=ids, strict=True)
   np.testing.assert_allclose(out, expected, atol=1e-5)
   assert float(jnp.abs(out[0, 0]).max()) == 0.0
+  # Inside jit (two arguments), the case still sorts one array, as the model's layer does.
+  sort = lambda case: jax.jit(lambda qm, km: sorting.by_bucket(qm, bench.key_masks(case, qm, km)))
+  assert sort("model16")(q_buckets, k_buckets).shared
+  assert not sort("hash16")(q_buckets, k_buckets).shared
   with pytest.raises(ValueError, match="needs kv_heads = 3"):
     bench.make_case("model16", b, 64, n, seed=0, kv_heads=1)
