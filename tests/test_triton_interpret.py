@@ -127,9 +127,12 @@ def test_row_addressing_changes_no_bit(hashed, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "case", ["hash_shared", "hash_shared_documents", "hash", "hash_grouped", "qk_shared", "qk_grouped"]
-)
-@pytest.mark.parametrize("strict", [False, True])
+    "case, strict",
+    [
+        ("hash_shared", True), ("hash_shared", False), ("hash_shared_documents", True), ("hash", False),
+        ("hash_grouped", True), ("qk_shared", False), ("qk_grouped", False),
+    ],
+)  # fmt: skip
 def test_row_ranges_change_no_bit(case, strict):
   """Masks from row ranges (each own slot's run of allowed slots: jnp scans for shared tokens,
   the plan kernel's 1 x 1 tiles otherwise) and from the streamed tile's idx and hash give the
@@ -137,7 +140,7 @@ def test_row_ranges_change_no_bit(case, strict):
   from scfa_jax import sorting, triton_backend  # noqa: PLC0415
 
   key = jax.random.PRNGKey(21)
-  b, t, n = 2, 83, 4
+  b, t, n = 1, 83, 4
   kv_heads = 2 if case.endswith("grouped") else n
   q, k, v = _qkv(key, b, t, t, n, H)
   k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
