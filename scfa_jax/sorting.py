@@ -118,7 +118,7 @@ def _joint_dense_rank(q_keys: tuple, k_keys: tuple) -> tuple[jax.Array, jax.Arra
   pos = jax.lax.broadcasted_iota(jnp.int32, cols[0].shape, cols[0].ndim - 1)
   *keys, perm = jax.lax.sort((*cols, pos), dimension=-1, is_stable=True, num_keys=len(cols))
   changed = functools.reduce(jnp.logical_or, [x[..., 1:] != x[..., :-1] for x in keys])
-  new = jnp.concatenate([jnp.ones_like(changed[..., :1]), changed], axis=-1)
+  new = jnp.concatenate([jnp.ones(changed.shape[:-1] + (1,), bool), changed], axis=-1)  # changed is empty at length 1
   rank = jnp.cumsum(new, axis=-1, dtype=jnp.int32) - 1
   _, rank = jax.lax.sort((perm, rank), dimension=-1, num_keys=1)  # back to the original order
   rank = jnp.moveaxis(rank, -1, 1)

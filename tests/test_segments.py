@@ -108,6 +108,33 @@ def test_long_document_xla():
 
 
 @pytest.mark.parametrize("mode", ["hash", "qk"])
+def test_one_array_for_both_sides(mode):
+  """One bucket (or keep) array and one segment-id array for both sides are sorted once
+  (`SortedTokens.shared`), down to a single token."""
+  key = jax.random.PRNGKey(11)
+  for docs in [(1,), (3, -2, 4)]:
+    seg = segments_of(docs)
+    t = seg.shape[1]
+    q, k, v = _qkv(jax.random.fold_in(key, t), 1, t, t, 2, H)
+    if mode == "hash":
+      masks = _buckets(key, (1, t, 2), 2).astype(jnp.uint8)
+      kw = dict(q_buckets=masks, k_buckets=masks, q_segment_ids=seg, k_segment_ids=seg, strict=True)
+      fn, ref, sort = scfa_jax.hash_sparse_attention, reference.hash_sparse_attention, sorting.by_bucket
+    else:
+      masks = jax.random.bernoulli(key, 0.7, (1, t, 2))
+      kw = dict(q_keep=masks, k_keep=masks, q_segment_ids=seg, k_segment_ids=seg)
+      fn, ref, sort = scfa_jax.qk_sparse_attention, reference.qk_sparse_attention, sorting.by_keep_mask
+    assert sort(masks, masks, seg, seg).shared
+    ct = jax.random.normal(key, q.shape)
+    # The masks are closed over, not passed: jit's arguments would be two arrays.
+    out, grads = _out_and_grads(functools.partial(fn, **kw, implementation="xla"), q, k, v, ct, {})
+    want, want_grads = _out_and_grads(functools.partial(ref, **kw), q, k, v, ct, {})
+    _close(out, want, jnp.float32)
+    for got, expected in zip(grads, want_grads, strict=True):
+      _close(got, expected, jnp.float32, factor=2.0)
+
+
+@pytest.mark.parametrize("mode", ["hash", "qk"])
 def test_t_differs_from_s(mode):
   """Queries and keys with their own segment ids (ids shared between the sides, some only on one)."""
   key = jax.random.PRNGKey(8)
