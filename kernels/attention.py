@@ -12,9 +12,10 @@ group, accumulating in registers. Per-slot vectors (q_idx, k_idx, hashes, lse, d
 head-major [B, N, LQ] / [B, K, LK] in sorted order, one slot per row: the slot counts LQ
 and LK equal the row counts T and S, and only they are declared multiples of 16 (ALIGNED).
 Slots past the end read no row. Lengths are runtime scalars, so one compiled kernel serves
-every length. With ROW_RANGES (ordered tokens) the idx and hash pointers of the program's
-own side carry instead each own slot's range [lo, hi) of other-side slots (per query head
-for the key side), and a masked tile compares slot numbers: no load in the loop.
+every length. With ROW_RANGES (ordered tokens) the four idx and hash pointers carry row
+ranges instead (`triton_backend.RowRanges`): each query slot's range [lo, hi) of key slots,
+[B, N, LQ], and each key slot's range of query slots per query head, [B, N, LK]; a kernel
+reads its own side's, and a masked tile compares slot numbers: no load in the loop.
 
 Each program walks the contiguous tile range `[start, end)` that the tile plan gives
 it; only tiles outside the plan's full sub-range `[full_start, full_end)` pay for mask
@@ -392,8 +393,12 @@ def scfa_bwd_dkdv(
   k_read = _rows_to_read(k_valid, start_m_ptr, end_m_ptr, first_tile, num_tiles, GROUP, SKIP_EMPTY)
   k = _load_rows(k_ptr, k_offset, k_read, H)
   v = _load_rows(v_ptr, k_offset, k_read, H)
-  # With ROW_RANGES the ranges are per query head, [B, N, LK]: a group's heads load their own below.
-  k_idx, k_hash = _own_keys(k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK, slot, in_bounds, K_PAD, HASHED, ROW_RANGES)
+  # One kv head's idx and hash serve its group, but row ranges are per query head ([B, N, LK]):
+  # with groups, each head's are loaded in the loop below.
+  PER_HEAD: tl.constexpr = ROW_RANGES and GROUP > 1
+  if not PER_HEAD:
+    k_idx, k_hash = _own_keys(k_idx_ptr + kv_bh * LK, k_hash_ptr + kv_bh * LK, slot, in_bounds, K_PAD, HASHED,
+                              ROW_RANGES)  # fmt: skip
 
   dk = tl.zeros([BLOCK_N, H], tl.float32)
   dv = tl.zeros([BLOCK_N, H], tl.float32)
@@ -409,7 +414,7 @@ def scfa_bwd_dkdv(
   else:
     for g in range(GROUP):
       bh = kv_bh * GROUP + g
-      if ROW_RANGES:
+      if PER_HEAD:
         k_idx, k_hash = _own_keys(k_idx_ptr + bh * LK, k_hash_ptr + bh * LK, slot, in_bounds, K_PAD, HASHED, True)
       dk, dv = _dkdv_head(
           dk, dv, k, v, k_idx, k_hash, bh, first_tile + g * num_tiles, *head,

@@ -56,8 +56,9 @@ class KernelConfig:
   # leaves no copy in flight across a step (Nsight Compute, results/ncu_h200_16k_hash64_source.json).
   prefetch_rows: bool = True
   # Ordered tokens: masked tiles compare slot numbers with each own row's range of slots on the
-  # other side (`RowRanges`, two more plan launches per call), not the streamed tile's idx and
-  # hash, whose loads wait in the loop (docs/design.md, "Masks from row ranges").
+  # other side (`RowRanges`: one more plan launch per forward, two with the backward), not the
+  # streamed tile's idx and hash, whose loads wait in the loop (docs/design.md, "Masks from
+  # row ranges").
   row_ranges: bool = False
 
   @property
@@ -105,7 +106,7 @@ _QK_CONFIG = KernelConfig(
 # hash 16 at T=8192: 0.687 -> 0.644 ms at the model's B=4, N=12, 2.41 -> 2.21 at N=48), against
 # 0.023 ms for the ranges at N=12; QK ranges are long and rarely masked: drop-50's kernels -1%,
 # less than their ranges cost (results/profile_h100_8k_model16_row_ranges.json and the files
-# docs/performance.md, "Masks from row ranges", names).
+# docs/performance.md, "Masks from row ranges", names). Timed at H=64 without groups only.
 _HASH_CONFIG = dataclasses.replace(
     _QK_CONFIG, block_m=64, block_n=32, block_n1=64, one_loop=True, skip_empty_tiles=False, row_ranges=True
 )
@@ -462,8 +463,9 @@ def plan_view(implementation, tokens: SortedTokens, block_q: int, block_k: int, 
 
 def make_plans(config, q, tokens: SortedTokens, *, backward: bool) -> Plans:
   """The forward plan, and with `backward` the dQ and dK/dV plans too, each with the one
-  view its kernel reads. Ordered tokens take one plan kernel launch per distinct view;
-  other orders plan.py's jnp."""
+  view its kernel reads, and the row ranges where the tile table asks for them (ordered
+  tokens; the query side's, and with `backward` the key side's). Ordered tokens take one
+  plan kernel launch per distinct view; other orders plan.py's jnp."""
   tiles = _tiles(config, q.shape[-1], tokens)
   kernels = ("fwd", "dkdv", "dq") if backward else ("fwd",)  # `Plans`' field order
   shapes, views = zip(*(tiles.kernel_tiles[k] for k in kernels))
