@@ -55,10 +55,12 @@ def plan_kernel_cases(long: int):
       # The first case's shapes, so that its jnp plans are compiled once.
       sorting.by_bucket(buckets(2, 100, 14).astype(jnp.uint8), buckets(2, 83, 14).astype(jnp.uint8),
                         segments(2, 100), segments(2, 83)),  # fmt: skip
-      # One sequence on both sides (`shared`: one sort of one array), with and without documents.
+      # One sequence on both sides (`shared`: one sort of one array), with and without documents;
+      # the last `long`, so that its row ranges take several plan programs per head.
       *[sorting.by_bucket(x, x) for x in [buckets(2, 100, 14)]],
       *[sorting.by_bucket(x, x, ids, ids) for x, ids in [(buckets(2, 100, 14).astype(jnp.uint8), segments(2, 100))]],
       *[sorting.by_keep_mask(x, x) for x in [keep(2, 90, 12)]],
+      *[sorting.by_keep_mask(x, x, ids, ids) for x, ids in [(keep(1, long, 3), segments(1, long))]],
   ]
 
 

@@ -134,9 +134,10 @@ def test_row_addressing_changes_no_bit(hashed, monkeypatch):
     ],
 )  # fmt: skip
 def test_row_ranges_change_no_bit(case, strict):
-  """Masks from row ranges (each own slot's run of allowed slots: jnp scans for shared tokens,
-  the plan kernel's 1 x 1 tiles otherwise) and from the streamed tile's idx and hash give the
-  same outputs and gradients, bit for bit, grouped-query heads and documents included."""
+  """Masks from row ranges (each own slot's run of allowed slots: the plan kernel's 1 x 1
+  tiles, bounded by the row's own slot for shared tokens) and from the streamed tile's idx
+  and hash give the same outputs and gradients, bit for bit, grouped-query heads and
+  documents included."""
   from scfa_jax import sorting, triton_backend  # noqa: PLC0415
 
   key = jax.random.PRNGKey(21)
@@ -315,8 +316,10 @@ def test_plan_kernel_matches_the_jnp_plan(strict):
 
   cases = plan_kernel_cases(long=2100)
   assert any(tokens.shared for tokens in cases)
-  for tokens in cases:
-    check_plan_kernel(IMPL, tokens, [(16, 32), (32, 16), (1, 1)], strict)  # 1 x 1: row ranges
+  for i, tokens in enumerate(cases):
+    check_plan_kernel(IMPL, tokens, [(16, 32), (32, 16)], strict)
+    if tokens.shared or i in (0, 2, 10):  # 1 x 1 tiles, the row ranges: both searches, and the shared bound
+      check_plan_kernel(IMPL, tokens, [(1, 1)], strict)
   presorted = sorting.presorted(jnp.zeros((1, 8, 1), jnp.int32), jnp.zeros((1, 8, 1), jnp.int32))
   with pytest.raises(ValueError, match="ordered tokens"):
     triton_backend.plan_view(IMPL, presorted, 16, 16, strict=strict, view="q")
