@@ -317,9 +317,10 @@ def test_plan_kernel_matches_the_jnp_plan(strict):
   cases = plan_kernel_cases(long=2100)
   assert any(tokens.shared for tokens in cases)
   for i, tokens in enumerate(cases):
-    check_plan_kernel(IMPL, tokens, [(16, 32), (32, 16)], strict)
-    if tokens.shared or i in (0, 2, 10):  # 1 x 1 tiles, the row ranges: both searches, and the shared bound
-      check_plan_kernel(IMPL, tokens, [(1, 1)], strict)
+    # 1 x 1 tiles are the row ranges: shared tokens take them only, whose tiles follow the
+    # general path; three other cases take them beside the tile shapes.
+    shapes = [] if tokens.shared else [(16, 32), (32, 16)]
+    check_plan_kernel(IMPL, tokens, shapes + ([(1, 1)] if tokens.shared or i in (0, 2, 10) else []), strict)
   presorted = sorting.presorted(jnp.zeros((1, 8, 1), jnp.int32), jnp.zeros((1, 8, 1), jnp.int32))
   with pytest.raises(ValueError, match="ordered tokens"):
     triton_backend.plan_view(IMPL, presorted, 16, 16, strict=strict, view="q")
