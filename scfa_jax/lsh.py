@@ -50,17 +50,18 @@ def causal_center(x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Arr
   """
   if x.ndim != 4:
     raise ValueError(f"x must be [B, T, N, H], got x.shape={x.shape}")
+  if segment_ids is not None:
+    api.check_segment_ids("segment_ids", segment_ids, x.shape[:2])
   unit = unit_vectors(x)
   return unit - _earlier_mean(unit, segment_ids)
 
 
 def _earlier_mean(values: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
   """The mean of values [B, T, ...] over the earlier positions of the same run of segment ids
-  (all positions when None); 0 at the first position of a run."""
+  (all positions when None; checked by the caller); 0 at the first position of a run."""
   earlier = jnp.cumsum(values, axis=1) - values
   position = jnp.arange(values.shape[1], dtype=jnp.int32)[None]
   if segment_ids is not None:
-    api.check_segment_ids("segment_ids", segment_ids, values.shape[:2])
     changed = jnp.concatenate(
         [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
     )

@@ -137,8 +137,11 @@ def test_centered_buckets_equal_hashing_the_centered_vectors():
                                 lsh.lsh_buckets(lsh.causal_center(x, jnp.broadcast_to(segments, (2, 300))), rotations))
   np.testing.assert_array_equal(lsh.centered_buckets(x[:, 150:], rotations), lsh.centered_buckets(
       x, rotations, jnp.broadcast_to(segments, (2, 300)))[:, 150:])
-  with pytest.raises(ValueError, match=r"segment_ids must have shape \[B, T\]"):
-    lsh.centered_buckets(x, rotations, segments[:, :10])
+  for fn in (lambda ids: lsh.centered_buckets(x, rotations, ids), lambda ids: lsh.causal_center(x, ids)):
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \[B, T\]"):
+      fn(segments[:, :10])
+    with pytest.raises(TypeError, match="segment_ids must hold integers"):
+      fn(jnp.broadcast_to(segments, (2, 300)).astype(jnp.float32))
 
 
 def test_rope_keeps_norms_and_makes_scores_depend_on_the_offset_only():
