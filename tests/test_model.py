@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from scfa_jax import model as model_lib
 from scfa_jax.model import GPT, PRESETS, GPTConfig, count_params, generate, preset, tied_cross_entropy, tied_logits
 
 TINY = GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32, num_buckets=4,
@@ -116,6 +117,25 @@ def test_tied_cross_entropy_matches_optax_and_its_gradients(dtype):
     np.testing.assert_allclose(got, expected, rtol=3 * tol, atol=3 * tol)
   dots = [e for e in jax.make_jaxpr(vjp)(g).eqns if e.primitive.name == "dot_general"]
   assert len(dots) == 2 and all(v.aval.dtype == dtype for e in dots for v in e.invars)
+
+
+def test_one_pass_logsumexp_matches_jax():
+  x = jax.random.normal(jax.random.key(3), (4, 1000)) * jnp.array([[1.0], [30.0], [1e-3], [300.0]])
+  x = jnp.concatenate([x, jnp.array([[-jnp.inf] * 999 + [2.0]])])  # one finite entry
+  np.testing.assert_allclose(model_lib._logsumexp(x), jax.nn.logsumexp(x, axis=-1), rtol=1e-6, atol=1e-5)
+  np.testing.assert_array_equal(model_lib._logsumexp(jnp.full((2, 1), 7.0)), [7.0, 7.0])
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_gelu_backward_equals_autodiff_of_jax_gelu(dtype, tol):
+  x = jnp.linspace(-9, 9, 4001).astype(dtype)
+  g = jax.random.normal(jax.random.key(4), x.shape).astype(dtype)
+  np.testing.assert_array_equal(model_lib.gelu(x), jax.nn.gelu(x, approximate=True))
+  (got,) = jax.vjp(model_lib.gelu, x)[1](g)
+  # the reference in float32: the backward computes in float32 and rounds once
+  (want,) = jax.vjp(jax.nn.gelu, x.astype(jnp.float32))[1](g.astype(jnp.float32))
+  assert got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("compute_dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
