@@ -445,8 +445,9 @@ class SparseCausalSelfAttention(nnx.Module):
       if self.rope_base is not None:
         q = rope(q, positions, self.rope_base)
       if self.shared_qk:
-        norm = jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1, keepdims=True))
-        k = (q.astype(jnp.float32) / jnp.maximum(norm, 1e-6)).astype(self.dtype)
+        # the clamp inside the root: a zero row's gradient is then finite (sqrt' at 0 is not)
+        norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1, keepdims=True), 1e-12))
+        k = (q.astype(jnp.float32) / norm).astype(self.dtype)
       else:
         k = proj(self.wk)
         if self.rope_base is not None:

@@ -179,6 +179,17 @@ def test_gradients_reach_every_parameter(mode):
     assert np.all(np.isfinite(g)) and np.any(g != 0)
 
 
+def test_shared_qk_gradients_are_finite_at_a_zero_query():
+  layer = _layer("dense", shared_qk=True, rope_base=10000.0)
+  x = jax.random.normal(jax.random.key(2), (B, T, D)).at[0, 3].set(0)  # q and its key are 0 there
+
+  def loss(layer, x):
+    return jnp.sum(jnp.sin(layer(x)))
+
+  grads, dx = nnx.grad(loss, argnums=(0, 1))(layer, x)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)) and np.isfinite(dx).all()
+
+
 def test_qk_drop_draws_query_and_key_masks_independently():
   """As in the paper, queries and keys are dropped by independent draws: q_keep per query
   head and k_keep per kv head, from the two halves of split(key), each built position by
