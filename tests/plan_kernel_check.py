@@ -65,15 +65,21 @@ def plan_kernel_cases(long: int):
 
 
 def check_plan_kernel(implementation: str, tokens, shapes, strict: bool):
-  """The plan kernel (`triton_backend.plan_view`) gives the jnp plan's ranges exactly."""
+  """The plan kernel (`triton_backend.plan_view`) gives the jnp plan's ranges exactly, for
+  every tile shape of `shapes`. One jit per call, not one per shape and view: on a GPU each
+  is an XLA compile."""
   from scfa_jax import triton_backend  # noqa: PLC0415
 
-  for block_q, block_k in shapes:
-    expected = _jnp_plan(tokens, block_q, block_k, strict)
-    for view, side in (("q", "n"), ("k", "m")):
-      built = jax.jit(
-          functools.partial(triton_backend.plan_view, implementation, strict=strict, view=view), static_argnums=(1, 2)
-      )(tokens, block_q, block_k)
+  @jax.jit
+  def plans(tokens):
+    return [
+        (_jnp_plan(tokens, block_q, block_k, strict),
+         [triton_backend.plan_view(implementation, tokens, block_q, block_k, strict=strict, view=view) for view in "qk"])
+        for block_q, block_k in shapes
+    ]  # fmt: skip
+
+  for (block_q, block_k), (expected, views) in zip(shapes, plans(tokens), strict=True):
+    for built, side in zip(views, "nm", strict=True):
       assert (built.num_q_tiles, built.num_k_tiles) == (expected.num_q_tiles, expected.num_k_tiles)
       for name in ("start", "end", "full_start", "full_end"):
         np.testing.assert_array_equal(
